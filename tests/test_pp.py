@@ -1,0 +1,123 @@
+"""pp ops against independent numpy computations and properties; parse errors."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from big_vision_lite.input import pp
+
+
+def run(pp_string, example, seed=0):
+  return pp.get_preprocess_fn(pp_string)(example, np.random.default_rng(seed))
+
+
+def random_image(h=20, w=30, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_decode_png_bytes_and_arrays():
+  image = random_image()
+  png = io.BytesIO()
+  Image.fromarray(image).save(png, format="PNG")
+  np.testing.assert_array_equal(run("decode", {"image": png.getvalue()})["image"], image)
+  np.testing.assert_array_equal(run("decode", {"image": image})["image"], image)
+
+
+def test_decode_rejects_wrong_rank_and_dtype():
+  with pytest.raises(ValueError, match=r"'image' must be an \[H, W, 3\] image, got shape "
+                     r"\(4, 4\) dtype uint8"):
+    run("decode", {"image": np.zeros((4, 4), np.uint8)})
+  with pytest.raises(ValueError, match="must be uint8, got shape .* dtype float32"):
+    run("decode", {"image": np.zeros((4, 4, 3), np.float32)})
+
+
+def test_value_range_is_affine():
+  image = np.array([[[0, 255, 51]]], np.uint8)
+  out = run("value_range(-1, 1)", {"image": image})["image"]
+  np.testing.assert_allclose(out, [[[-1.0, 1.0, -1.0 + 2 * 51 / 255]]], rtol=1e-6)
+  assert out.dtype == np.float32
+  out = run("value_range(0, 1, in_min=-1, in_max=1)", {"image": np.array([-1.0, 0.0, 1.0])})
+  np.testing.assert_allclose(out["image"], [0.0, 0.5, 1.0])
+
+
+def test_onehot():
+  out = run('onehot(5, key="label", key_result="labels", on=0.9, off=0.025)', {"label": 3})
+  np.testing.assert_allclose(out["labels"], [0.025, 0.025, 0.025, 0.9, 0.025])
+  assert out["label"] == 3
+  np.testing.assert_array_equal(run("onehot(3)", {"label": np.array([0, 2])})["label"],
+                                np.eye(3)[[0, 2]])
+  with pytest.raises(ValueError, match="out of range"):
+    run("onehot(3)", {"label": 3})
+
+
+def test_flip_twice_is_identity_and_flip_matches_numpy():
+  image = random_image()
+  outs = {run("flip_lr", {"image": image}, seed)["image"].tobytes() for seed in range(20)}
+  assert outs == {image.tobytes(), image[:, ::-1].tobytes()}
+  for seed in range(5):
+    twice = pp.get_preprocess_fn("flip_lr|flip_lr")
+    rng = np.random.default_rng(seed)
+    first = rng.random() < 0.5
+    second = rng.random() < 0.5
+    expected = image[:, ::-1] if first != second else image
+    np.testing.assert_array_equal(twice({"image": image}, np.random.default_rng(seed))["image"],
+                                  expected)
+
+
+def test_crops():
+  image = random_image(20, 30)
+  np.testing.assert_array_equal(run("central_crop(10)", {"image": image})["image"],
+                                image[5:15, 10:20])
+  crop = run("random_crop((8, 12))", {"image": image}, seed=3)["image"]
+  assert crop.shape == (8, 12, 3)
+  # The crop is a window of the original image.
+  found = any(np.array_equal(image[t:t + 8, l:l + 12], crop)
+              for t in range(13) for l in range(19))
+  assert found
+  with pytest.raises(ValueError, match="smaller"):
+    run("central_crop(40)", {"image": image})
+
+
+def test_inception_crop_bounds_and_determinism():
+  image = random_image(40, 60)
+  a = run("inception_crop(16, area_min=50)", {"image": image}, seed=7)["image"]
+  b = run("inception_crop(16, area_min=50)", {"image": image}, seed=7)["image"]
+  assert a.shape == (16, 16, 3)
+  np.testing.assert_array_equal(a, b)
+  for seed in range(20):
+    crop = run("inception_crop(area_min=50, area_max=60)", {"image": image}, seed)["image"]
+    area = crop.shape[0] * crop.shape[1] / (40 * 60)
+    assert 0.45 <= area <= 0.65 or crop.shape[:2] == (40, 60), crop.shape
+
+
+def test_resize_and_resize_small():
+  image = random_image(20, 30)
+  out = run("resize((10, 15), method='nearest')", {"image": image})["image"]
+  np.testing.assert_array_equal(out, image[1::2, 1::2])  # PIL nearest samples centres.
+  assert run("resize_small(10)", {"image": image})["image"].shape == (10, 15, 3)
+  flat = np.full((8, 8, 3), 77, np.uint8)
+  np.testing.assert_array_equal(run("resize(5)", {"image": flat})["image"], 77)
+  floats = np.full((8, 8, 3), 0.25, np.float32)
+  np.testing.assert_allclose(run("resize(4)", {"image": floats})["image"], 0.25, rtol=1e-6)
+
+
+def test_keep_drop_copy():
+  ex = {"image": 1, "label": 2, "caption": b"x"}
+  assert run('keep("image", "label")', ex) == {"image": 1, "label": 2}
+  assert run('drop("caption")', ex) == {"image": 1, "label": 2}
+  assert run('copy("label", "y")', ex)["y"] == 2
+  with pytest.raises(ValueError, match=r"keys \['labels'\] are not in the example"):
+    run('keep("labels")', ex)
+
+
+@pytest.mark.parametrize("pp_string,message", [
+    ("decode|blur(3)", r"Unknown pp op 'blur'; known: .*central_crop.*value_range"),
+    ("decode|resize(48", r"not of the form name"),
+    ("resize(size)", r"arguments must be Python literals"),
+    ("os.system('x')", r"not of the form name"),
+    ("resize(48, colour=1)", r"pp op 'resize': bad arguments"),
+])
+def test_bad_pp_strings(pp_string, message):
+  with pytest.raises(ValueError, match=message):
+    pp.get_preprocess_fn(pp_string)
