@@ -1,7 +1,7 @@
 """The embedded default dataset "shapes": procedurally drawn, built locally at first use.
 
 Each image (sides 24..96 px, aspect ratios 1:2..2:1) shows one large shape of one of ten
-classes, rotated by up to 20 degrees, plus 0-3 smaller distractor shapes of other classes,
+classes, rotated by up to 10 degrees, plus 0-2 smaller distractor shapes of other classes,
 in random named colours on a blotchy gradient background. Per example:
   image    PNG bytes (decoded by the `decode` pp op) of an [H, W, 3] uint8 image
   label    class of the large shape (0..9, names in CLASSES)
@@ -65,7 +65,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     ramp = np.linspace(0, 1, w)[None, :, None]
   else:
     ramp = np.linspace(0, 1, h)[:, None, None]
-  coarse = rng.normal(0, 25, (4, 4, 3))
+  coarse = rng.normal(0, 15, (4, 4, 3))
   blotches = np.asarray(Image.fromarray(coarse[..., 0].astype(np.float32)).resize(
       (w, h), Image.BILINEAR))[..., None] + np.stack(
           [np.asarray(Image.fromarray(coarse[..., c].astype(np.float32)).resize(
@@ -84,15 +84,15 @@ def draw_example(rng: np.random.Generator) -> dict:
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
   main = int(rng.integers(len(CLASSES)))
   others = rng.permutation([k for k in range(len(CLASSES)) if k != main])
-  kinds = [main] + list(others[:rng.integers(0, 4)])
+  kinds = [main] + list(others[:rng.integers(0, 3)])
   color_names = list(COLORS)
   words, boxes = [], []
   side = min(h, w)
   for i, kind in enumerate(kinds):
-    radius = side * (rng.uniform(0.28, 0.42) if i == 0 else rng.uniform(0.1, 0.17))
+    radius = side * (rng.uniform(0.32, 0.45) if i == 0 else rng.uniform(0.08, 0.14))
     cy = rng.uniform(radius * 0.8, h - radius * 0.8)
     cx = rng.uniform(radius * 0.8, w - radius * 0.8)
-    angle = np.deg2rad(rng.uniform(-20, 20))
+    angle = np.deg2rad(rng.uniform(-10, 10))
     du, dv = (xx - cx) / radius, (yy - cy) / radius
     u = du * np.cos(angle) + dv * np.sin(angle)
     v = -du * np.sin(angle) + dv * np.cos(angle)

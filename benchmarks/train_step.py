@@ -1,0 +1,104 @@
+r"""Train-step throughput of any config: images/s, FLOP/s and MFU.
+
+  python benchmarks/train_step.py --config configs/vit.py:variant=S/16,res=224 \
+      --config.input.batch_size=32
+
+The step is the train loop's own jitted step (`train.build_training`) on one batch from the
+config's input pipeline, timed after compilation (input excluded). FLOPs per step come from
+XLA's cost analysis of the compiled step; MFU divides the achieved FLOP/s by the peak of a
+large matmul measured on the same machine in the same run, so the ratio holds on any host.
+"""
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from big_vision_lite import config_lib
+from big_vision_lite import models
+from big_vision_lite import sharding
+from big_vision_lite import tasks
+from big_vision_lite import train
+from big_vision_lite.input import data as data_lib
+
+config_flags.DEFINE_config_file("config", None, "Config file (with optional :args).")
+flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures peak.")
+
+
+def measure_matmul_peak(size: int, dtype: jnp.dtype, repeats: int = 10) -> float:
+  """FLOP/s of a jitted [size, size] @ [size, size] matmul on the default device."""
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = matmul(a, a)
+  out.block_until_ready()
+  return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def _flops(compiled: jax.stages.Compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get("flops", float("nan")))
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = flags.FLAGS.config
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config.get("mesh"))
+  model = models.get(config.model_name).Model(**config.model)
+  task = tasks.REGISTRY.get(config.task)(config, model)
+  batch_size = config.input.batch_size
+  train_iter = data_lib.make_train_iterator(config.input.data, config.input.pp, batch_size,
+                                            seed=0)
+  batch_spec = train.peek_batch_spec(train_iter, batch_size)
+  batch = sharding.global_batch(next(train_iter), mesh)
+  training = train.build_training(config, task, mesh, batch_spec)
+  state = training.init(jax.random.key(0))
+  compile_start = time.perf_counter()
+  compiled = training.step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - compile_start
+  flops_per_step = _flops(compiled)
+  for _ in range(flags.FLAGS.warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(flags.FLAGS.steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  seconds_per_step = (time.perf_counter() - start) / flags.FLAGS.steps
+  dtype = jnp.dtype(config.get("compute_dtype") or "float32")
+  peak_per_device = measure_matmul_peak(flags.FLAGS.matmul_size, dtype)
+  devices = mesh.devices.size
+  achieved = flops_per_step / seconds_per_step
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  rows = [
+      ("model", f"{config.model_name} {dict(config.model)}"),
+      ("params", f"{num_params / 1e6:.2f} M"),
+      ("devices", f"{devices} x {jax.devices()[0].device_kind}"),
+      ("global batch", f"{batch_size} {tuple(batch_spec['image'].shape[1:])}"),
+      ("compile", f"{compile_seconds:.1f} s"),
+      ("step time", f"{seconds_per_step * 1e3:.1f} ms"),
+      ("images/s", f"{batch_size / seconds_per_step:.1f}"),
+      ("images/s/device", f"{batch_size / seconds_per_step / devices:.1f}"),
+      ("GFLOP/step (XLA)", f"{flops_per_step / 1e9:.2f}"),
+      ("achieved TFLOP/s", f"{achieved / 1e12:.3f}"),
+      (f"matmul peak TFLOP/s ({dtype.name}, per device)", f"{peak_per_device / 1e12:.3f}"),
+      ("MFU", f"{achieved / (peak_per_device * devices):.1%}"),
+  ]
+  width = max(len(k) for k, _ in rows)
+  for key, value in rows:
+    print(f"{key:<{width}}  {value}")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

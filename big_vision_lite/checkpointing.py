@@ -1,0 +1,150 @@
+"""Checkpoints with orbax: the one place where runs are saved, resumed and initialised.
+
+A run's checkpoints live in `<workdir>/checkpoints/<step>/{state,data}`: `state` is the
+train state pytree (params, optimiser state, extra model collections, EMA, step, RNG) and
+`data` the JSON position of every process's data iterator. orbax writes each step into a
+temporary directory and renames it when complete, so a half-written step is never listed;
+if the newest listed step still fails to restore, the previous one is used with a warning.
+"""
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from big_vision_lite import utils
+
+
+class Checkpointer:
+  """Periodic/final saves with keep-last-N and restore of the newest good step."""
+
+  def __init__(self, workdir: str, keep: int | None = None, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"),
+                                         options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
+    """Starts saving `state` and the data iterator position at `step` (asynchronously)."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
+    """Restores the newest step that reads back whole, or returns None if there is none.
+
+    `abstract_state` holds ShapeDtypeStructs with shardings; restored arrays get them, so
+    a checkpoint written on N devices resumes on M. A checkpoint whose tree does not match
+    (another architecture) raises a ValueError naming the differing parameters.
+    """
+    for step in reversed(self.all_steps()):
+      _check_tree_matches(self._saved_state_tree(step)["params"], abstract_state["params"],
+                          f"{self.directory}/{step}")
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Checkpoint %s/%d does not restore (%s); trying the previous one.",
+                        self.directory, step, e)
+        continue
+      return restored.state, restored.data, step
+    return None
+
+  def _saved_state_tree(self, step: int) -> Any:
+    meta = self.manager.item_metadata(step)["state"]
+    return getattr(meta, "tree", meta)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _check_tree_matches(saved: Any, expected: Any, where: str) -> None:
+  saved_shapes = {k: tuple(v.shape) for k, v in utils.flatten_names(saved).items()}
+  expected_shapes = {k: tuple(v.shape) for k, v in utils.flatten_names(expected).items()}
+  _raise_on_mismatch(saved_shapes, expected_shapes, where)
+
+
+def _raise_on_mismatch(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                       where: str) -> None:
+  missing = sorted(set(expected) - set(saved))
+  unexpected = sorted(set(saved) - set(expected))
+  reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+  if not (missing or unexpected or reshaped):
+    return
+  lines = [f"Checkpoint {where} does not match the configured model (is it from another "
+           "architecture or variant?)."]
+  if missing:
+    lines.append(f"  missing in checkpoint: {', '.join(missing[:8])}"
+                 + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+  if unexpected:
+    lines.append(f"  not in the model: {', '.join(unexpected[:8])}"
+                 + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+  for k in reshaped[:8]:
+    lines.append(f"  {k}: checkpoint {saved[k]} vs model {expected[k]}")
+  raise ValueError("\n".join(lines))
+
+
+def read_run_model(path: str) -> tuple[str | None, dict[str, Any] | None]:
+  """(model_name, model kwargs) recorded in a run dir (config.json) or an import (model.json)."""
+  for filename in ("model.json", "config.json"):
+    full = os.path.join(path, filename)
+    if os.path.exists(full):
+      with open(full) as f:
+        record = json.load(f)
+      return record.get("model_name"), record.get("model")
+  return None, None
+
+
+def load_params(path: str) -> dict[str, Any]:
+  """Reads the params of `path` as numpy: an import dir (`params/`) or a run's newest step."""
+  path = os.path.abspath(path)
+  as_numpy = lambda tree: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  if os.path.isdir(os.path.join(path, "params")):
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(os.path.join(path, "params"))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    restored = checkpointer.restore(os.path.join(path, "params"), args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=as_numpy(tree)))
+    return restored["params"]
+  directory = os.path.join(path, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"Config field 'init_from': {path} holds neither an imported checkpoint "
+                     "(params/) nor a run's checkpoints (checkpoints/).")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"Config field 'init_from': {directory} has no complete checkpoint.")
+  meta = manager.item_metadata(step)["state"]
+  sub = {"params": getattr(meta, "tree", meta)["params"]}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=sub, restore_args=as_numpy(sub), partial_restore=True)))
+  return restored.state["params"]
+
+
+def merge_init_params(init_params: Any, loaded: Any, skip: list[str] | tuple[str, ...],
+                      where: str) -> Any:
+  """Takes `loaded` values for every param not matching a `skip` regex; shapes must agree."""
+  init_flat = utils.flatten_names(init_params)
+  loaded_flat = utils.flatten_names(loaded)
+  skipped = lambda name: any(re.fullmatch(p, name) for p in skip)
+  keep_fresh = {k for k in init_flat if skipped(k)}
+  _raise_on_mismatch(
+      {k: tuple(np.shape(v)) for k, v in loaded_flat.items() if not skipped(k)},
+      {k: tuple(np.shape(v)) for k, v in init_flat.items() if k not in keep_fresh}, where)
+  return utils.tree_map_with_names(
+      lambda k, v: v if k in keep_fresh else np.asarray(loaded_flat[k], dtype=v.dtype),
+      init_params)

@@ -1,0 +1,109 @@
+"""Device mesh and partitioning rules: the one place where sharding is decided.
+
+`mesh` in the config is a list of (axis_name, size) pairs, -1 taking the remaining
+devices: `[("data", -1)]` (default, data parallel) or `[("data", -1), ("model", 2)]`.
+`sharding_rules` is a list of (regex, spec) matched in order against parameter names such
+as "params/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"; the first match wins and
+unmatched leaves are replicated. A spec is:
+  - "replicate";
+  - "fsdp" or "fsdp:<axis>": shard the largest dimension divisible by the axis size over
+    that axis (default "data"), i.e. parameters and optimiser state are split across the
+    data-parallel devices and gathered by XLA where needed;
+  - a tuple/list of axis names or None per dimension, as in `PartitionSpec`.
+The batch is split over every mesh axis named "data" (or the first axis).
+"""
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from big_vision_lite import utils
+
+
+def make_mesh(axes: Sequence[tuple[str, int]] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a Mesh from (name, size) pairs; -1 takes all remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  axes = list(axes or [("data", -1)])
+  sizes = [size for _, size in axes]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"Config field 'mesh' may have at most one -1 size, got {axes}.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"Config field 'mesh' {axes}: {len(devices)} devices are not "
+                       f"divisible by the fixed axis sizes ({known}).")
+    sizes[sizes.index(-1)] = len(devices) // known
+  total = int(np.prod(sizes))
+  if total > len(devices):
+    raise ValueError(f"Config field 'mesh' {axes} needs {total} devices; "
+                     f"{len(devices)} are available.")
+  device_grid = np.asarray(devices[:total]).reshape(sizes)
+  return Mesh(device_grid, tuple(name for name, _ in axes))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over."""
+  data = tuple(a for a in mesh.axis_names if a.startswith("data"))
+  return data or mesh.axis_names[:1]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the data axes, the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, axis: str) -> P:
+  size = mesh.shape[axis]
+  for dim in np.argsort(shape)[::-1]:
+    if shape[dim] % size == 0 and shape[dim] >= size:
+      spec = [None] * len(shape)
+      spec[dim] = axis
+      return P(*spec)
+  return P()
+
+
+def _spec_for(rule_spec: Any, shape: tuple[int, ...], mesh: Mesh, name: str) -> P:
+  if rule_spec == "replicate":
+    return P()
+  if isinstance(rule_spec, str) and rule_spec.split(":")[0] == "fsdp":
+    axis = rule_spec.split(":")[1] if ":" in rule_spec else "data"
+    if axis not in mesh.axis_names:
+      raise ValueError(f"Config field 'sharding_rules': {rule_spec!r} names axis {axis!r}, "
+                       f"mesh axes are {mesh.axis_names}.")
+    return _fsdp_spec(shape, mesh, axis)
+  if isinstance(rule_spec, (tuple, list)):
+    if len(rule_spec) > len(shape):
+      raise ValueError(f"Config field 'sharding_rules': spec {rule_spec} has more entries "
+                       f"than {name} has dimensions {shape}.")
+    return P(*rule_spec)
+  raise ValueError(f"Config field 'sharding_rules': unknown spec {rule_spec!r}; use "
+                   "'replicate', 'fsdp', 'fsdp:<axis>' or a tuple of axis names.")
+
+
+def infer_shardings(tree: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] | None = None) -> Any:
+  """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) by the rules."""
+  compiled = [(re.compile(pattern), spec) for pattern, spec in (rules or ())]
+
+  def one(name: str, leaf: Any) -> NamedSharding:
+    shape = tuple(getattr(leaf, "shape", ()))
+    for regex, spec in compiled:
+      if regex.fullmatch(name):
+        return NamedSharding(mesh, _spec_for(spec, shape, mesh, name))
+    return NamedSharding(mesh, P())
+
+  return utils.tree_map_with_names(one, tree)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's local batch into global arrays split over the data axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

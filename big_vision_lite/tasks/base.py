@@ -1,0 +1,49 @@
+"""Shared pieces of tasks: applying a model in train/eval mode, with an optional dtype."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+
+def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
+  """Casts every floating-point leaf of `tree` to `dtype`."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class Task:
+  """Base class: holds the model and applies it; subclasses define `loss` and `predict`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module):
+    self.config = config
+    self.model = model
+    self.compute_dtype = jnp.dtype(config.get("compute_dtype") or "float32")
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    del config
+
+  def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = self.model.init({"params": params_rng, "dropout": dropout_rng},
+                                batch["image"], train=False)
+    return dict(variables)
+
+  def apply(self, params: Any, extra: dict[str, Any], images: jax.Array,
+            rng: jax.Array | None, train: bool, **kwargs: Any) -> tuple[Any, Any, dict]:
+    """Runs the model; returns (out, aux, updated extra collections)."""
+    variables = {"params": params, **extra}
+    if self.compute_dtype != jnp.float32:
+      variables = cast_floating(variables, self.compute_dtype)
+      images = images.astype(self.compute_dtype)
+    rngs = {"dropout": rng} if rng is not None else {}
+    if train and extra:
+      (out, aux), new_extra = self.model.apply(variables, images, train=True, rngs=rngs,
+                                               mutable=list(extra), **kwargs)
+      new_extra = cast_floating(dict(new_extra), jnp.float32)
+    else:
+      out, aux = self.model.apply(variables, images, train=train, rngs=rngs, **kwargs)
+      new_extra = extra
+    return out, aux, new_extra

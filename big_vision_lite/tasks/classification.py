@@ -1,0 +1,57 @@
+"""Supervised image classification: softmax or sigmoid cross-entropy on `labels`.
+
+Batch: `image` [B, H, W, 3] float32, `labels` [B, C] (one-hot or multi-hot, from the
+`onehot` pp op). Config: `loss` = "softmax_xent" (default) | "sigmoid_xent".
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from big_vision_lite.tasks import REGISTRY
+from big_vision_lite.tasks.base import Task
+
+LOSSES = ("softmax_xent", "sigmoid_xent")
+
+
+def _require(batch: dict[str, Any], key: str) -> None:
+  if key not in batch:
+    raise ValueError(f"The classification task needs batch key {key!r}; the batch has "
+                     f"{sorted(batch)}. Add e.g. `onehot(<num_classes>, key=\"label\", "
+                     f"key_result=\"{key}\")` to config field 'input.pp'.")
+
+
+@REGISTRY.register("classification")
+class Classification(Task):
+  """Image -> logits, trained with cross-entropy against `labels`."""
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    loss = config.get("loss", "softmax_xent")
+    if loss not in LOSSES:
+      raise ValueError(f"Config field 'loss' must be one of {', '.join(LOSSES)}, got {loss!r}.")
+    if not config.get("model", {}).get("num_classes"):
+      raise ValueError("Config field 'model.num_classes' must be set (> 0) for the "
+                       "classification task.")
+
+  def loss(self, params: Any, extra: dict[str, Any], batch: dict[str, jax.Array],
+           rng: jax.Array) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, Any]]]:
+    _require(batch, "labels")
+    logits, _, new_extra = self.apply(params, extra, batch["image"], rng, train=True)
+    logits = logits.astype(jnp.float32)  # [B, C]
+    labels = batch["labels"].astype(jnp.float32)  # [B, C]
+    if self.config.get("loss", "softmax_xent") == "softmax_xent":
+      per_example = optax.softmax_cross_entropy(logits, labels)
+    else:
+      per_example = optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+    loss = per_example.mean()
+    correct = jnp.take_along_axis(labels, logits.argmax(-1)[:, None], axis=-1)[:, 0] > 0
+    return loss, ({"loss": loss, "accuracy": correct.mean()}, new_extra)
+
+  def predict(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
+    params = variables["params"]
+    extra = {k: v for k, v in variables.items() if k != "params"}
+    logits, _, _ = self.apply(params, extra, batch["image"], None, train=False)
+    return logits.astype(jnp.float32)  # [B, C]

@@ -1,0 +1,1 @@
+"""Command-line tools: weight import from other libraries (`import_timm`)."""

@@ -1,0 +1,356 @@
+r"""The one train loop: every config, every task, 1 CPU to a multi-host TPU pod.
+
+  python -m big_vision_lite.train --config configs/vit.py:variant=Ti/16 --workdir /tmp/vit
+
+What a step computes comes from the config's `task`; the loop owns sharding, the
+optimiser, checkpoints, metrics and evaluators. A run resumes by itself from the newest
+checkpoint in its workdir; SIGTERM saves a checkpoint and exits 0.
+"""
+import dataclasses
+import logging as std_logging
+import os
+import signal
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from clu import parameter_overview
+from ml_collections import config_flags
+
+from big_vision_lite import checkpointing
+from big_vision_lite import config_lib
+from big_vision_lite import evaluators
+from big_vision_lite import metrics as metrics_lib
+from big_vision_lite import models
+from big_vision_lite import optimizer as optimizer_lib
+from big_vision_lite import sharding
+from big_vision_lite import tasks
+from big_vision_lite.input import data as data_lib
+
+config_flags.DEFINE_config_file("config", None, "Config file (with optional :args).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
+
+
+class NonFiniteError(RuntimeError):
+  """A training metric became NaN or infinite."""
+
+
+class _StopSignal:
+  """Records SIGTERM so the loop can save and exit at the next step boundary."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self) -> "_StopSignal":
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.received = True
+
+  def __exit__(self, *exc: Any) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize` when the environment describes several processes."""
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                               int(env["JAX_PROCESS_ID"]))
+  elif any(k in env for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
+    jax.distributed.initialize()
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(path + ".tmp", path)
+
+
+def _check_same_architecture(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir holding another model's run is an error, not a silent mix."""
+  name, kwargs = checkpointing.read_run_model(workdir)
+  if name is not None and (name != config.model_name or kwargs != config.model.to_dict()):
+    raise ValueError(f"Workdir {workdir} holds a run of model_name={name!r} model={kwargs}; "
+                     f"the config asks for model_name={config.model_name!r} "
+                     f"model={config.model.to_dict()}. Use another --workdir.")
+
+
+def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict) -> Callable[..., Any]:
+  """Returns step(state, batch) -> (state, metrics), with gradient accumulation and EMA."""
+  accum = config.get("grad_accum_steps") or 1
+  ema_decay = config.get("ema_decay")
+
+  def grads_and_metrics(params, extra, batch, rng):
+    grad_fn = jax.grad(task.loss, has_aux=True)
+    if accum == 1:
+      grads, (metrics, extra) = grad_fn(params, extra, batch, rng)
+      return grads, metrics, extra
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def body(carry, inputs):
+      grads_sum, metrics_sum, extra = carry
+      index, micro_batch = inputs
+      grads, (metrics, extra) = grad_fn(params, extra, micro_batch, jax.random.fold_in(rng, index))
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (add(grads_sum, grads), add(metrics_sum, metrics), extra), None
+
+    zeros_like = lambda t: jax.tree.map(jnp.zeros_like, t)
+    metric_shapes = jax.eval_shape(lambda: grad_fn(params, extra, jax.tree.map(
+        lambda x: x[0], micro), rng)[1][0])
+    init = (zeros_like(params), zeros_like(metric_shapes), extra)
+    (grads, metrics, extra), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+    scale = lambda t: jax.tree.map(lambda x: x / accum, t)
+    return scale(grads), scale(metrics), extra
+
+  def step(state, batch):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    grads, metrics, extra = grads_and_metrics(state["params"], state["extra"], batch, rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(state, params=params, opt_state=opt_state, extra=extra,
+                     step=state["step"] + 1)
+    if ema_decay:
+      new_state["ema_params"] = optax.incremental_update(params, state["ema_params"],
+                                                         1.0 - ema_decay)
+    metrics = dict(metrics, learning_rate=schedule(state["step"]),
+                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+    return new_state, metrics
+
+  return step
+
+
+def _init_state_fn(task: Any, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict, batch: dict[str, Any]):
+  def init(rng):
+    init_rng, train_rng = jax.random.split(rng)
+    # Parameter shapes do not depend on the batch size: initialise on one example.
+    example = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in batch.items()}
+    variables = task.init(init_rng, example)
+    params = variables.pop("params")
+    state = {"params": params, "extra": variables, "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32), "rng": train_rng}
+    if config.get("ema_decay"):
+      state["ema_params"] = params
+    return state
+  return init
+
+
+def peek_batch_spec(train_iter: Any, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes of one batch, read without moving the iterator."""
+  position = train_iter.get_state()
+  example = next(train_iter)
+  train_iter.set_state(position)
+  return {k: jax.ShapeDtypeStruct((global_batch_size,) + v.shape[1:], v.dtype)
+          for k, v in example.items()}
+
+
+@dataclasses.dataclass
+class Training:
+  """What a run needs to step: the jitted init and step and the state's layout."""
+  abstract_state: Any  # ShapeDtypeStructs carrying their shardings.
+  state_shardings: Any
+  init: Callable[[jax.Array], Any]  # rng -> sharded state.
+  step: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]  # (state, batch), donates state.
+
+
+def build_training(config: ml_collections.ConfigDict, task: Any, mesh: jax.sharding.Mesh,
+                   batch_spec: dict[str, jax.ShapeDtypeStruct]) -> Training:
+  """Optimiser, state layout from `jax.eval_shape` and the sharding rules, jitted step."""
+  abstract_variables = jax.eval_shape(task.init, jax.random.key(0), batch_spec)
+  tx, schedule = optimizer_lib.make_optimizer(config, abstract_variables["params"])
+  init_fn = _init_state_fn(task, tx, config, batch_spec)
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+  state_shardings = sharding.infer_shardings(abstract_state, mesh, config.get("sharding_rules"))
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_shardings)
+  step = jax.jit(make_train_step(task, tx, schedule, config),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+  return Training(abstract_state, state_shardings,
+                  jax.jit(init_fn, out_shardings=state_shardings), step)
+
+
+def _check_finite(step: int, metrics: dict[str, Any]) -> None:
+  for name, value in jax.device_get(metrics).items():
+    if not np.all(np.isfinite(value)):
+      raise NonFiniteError(f"Training metric {name!r} is {value} at step {step}; stopping. "
+                           "The last checkpoint before this step is intact.")
+
+
+def _eval_variables(state: dict[str, Any], use_ema: bool) -> dict[str, Any]:
+  params = state["ema_params"] if use_ema and "ema_params" in state else state["params"]
+  return {"params": params, **state["extra"]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after_steps: int | None = None) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns last metrics.
+
+  `stop_after_steps` ends this run early, with a checkpoint, after that many steps (as a
+  preemption would); the next call resumes.
+  """
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise PermissionError(f"--workdir {workdir} is not writable.")
+  _check_same_architecture(config, workdir)
+  _write_config(config, workdir)
+
+  mesh = sharding.make_mesh(config.get("mesh"))
+  logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape),
+               mesh.devices.size, jax.process_count())
+  model = models.get(config.model_name).Model(**config.model)
+  task = tasks.REGISTRY.get(config.task)(config, model)
+  writer = metrics_lib.create_writer(workdir)
+  seed = config.get("seed", 0)
+  batch_size = config.input.batch_size
+
+  train_iter = data_lib.make_train_iterator(
+      config.input.data, config.input.pp, batch_size, seed=seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.input.get("num_threads", 2),
+      prefetch=config.input.get("prefetch", 2))
+  batch_spec = peek_batch_spec(train_iter, batch_size)
+
+  training = build_training(config, task, mesh, batch_spec)
+  abstract_state, state_shardings = training.abstract_state, training.state_shardings
+
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.get("keep_ckpt"))
+  restored = checkpointer.restore_latest(abstract_state)
+  if restored is not None:
+    state, data_state, step = restored
+    train_iter.set_state(data_state[f"process_{jax.process_index()}"])
+    logging.info("Resumed from %s at step %d.", checkpointer.directory, step)
+  else:
+    state = training.init(jax.random.key(seed))
+    if config.get("init_from"):
+      state = _init_from(config, model, state, state_shardings)
+  start_step = int(jax.device_get(state["step"]))
+  if jax.process_index() == 0 and start_step == 0:
+    parameter_overview.log_parameter_overview(state["params"])
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    writer.write_scalars(0, {"num_params": num_params})
+
+  train_step = training.step
+  eval_runners = {
+      name: evaluators.REGISTRY.get(ev.type)(task, mesh, ev, seed)
+      for name, ev in (config.get("evals") or {}).items()}
+
+  total_steps = config.total_steps
+  log_every = config.get("log_training_steps", 50)
+  ckpt_every = config.get("ckpt_steps")
+  throughput = metrics_lib.Throughput(total_steps, batch_size, start_step)
+  last_metrics: dict[str, float] = {}
+  end_step = total_steps if stop_after_steps is None else min(
+      total_steps, start_step + stop_after_steps)
+
+  def save(step: int) -> None:
+    positions = {f"process_{jax.process_index()}": train_iter.get_state()}
+    checkpointer.save(step, state, positions)
+
+  def run_evals(step: int, final: bool) -> None:
+    for name, runner in eval_runners.items():
+      ev = config.evals[name]
+      if final or step % ev.log_steps == 0:
+        results = runner.run(_eval_variables(state, ev.get("use_ema", False)))
+        writer.write_scalars(step, {f"{name}/{k}": v for k, v in results.items()})
+        last_metrics.update({f"{name}/{k}": v for k, v in results.items()})
+
+  pending: tuple[int, Any] | None = None
+  with _StopSignal() as stop:
+    step = start_step
+    while step < end_step and not stop.received:
+      step += 1
+      batch = sharding.global_batch(next(train_iter), mesh)
+      with jax.transfer_guard("disallow"):
+        state, step_metrics = train_step(state, batch)
+      if pending is not None:  # Check the previous step while this one runs.
+        _check_finite(*pending)
+      pending = (step, {"loss": step_metrics["loss"]})
+      if step % log_every == 0 or step == end_step:
+        values = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
+        _check_finite(step, values)
+        values.update(throughput.measure(step))
+        writer.write_scalars(step, values)
+        last_metrics.update(values)
+        logging.info("step %d/%d  loss %.4f  %.2f steps/s  %.1f examples/s  ETA %s", step,
+                     total_steps, values["train/loss"], values["steps_per_sec"],
+                     values["examples_per_sec"], metrics_lib.format_duration(values["eta_seconds"]))
+      run_evals(step, final=step == total_steps)
+      if ckpt_every and step % ckpt_every == 0 and step != end_step:
+        save(step)
+    if pending is not None:
+      _check_finite(*pending)
+    if step > start_step or restored is None:
+      save(step)
+  checkpointer.close()
+  writer.flush()
+  if stop.received:
+    logging.warning("Stopped by SIGTERM at step %d; checkpoint saved, exiting cleanly.", step)
+  logging.info("Step %d: checkpoints in %s, metrics in %s (and TensorBoard in %s).", step,
+               checkpointer.directory, os.path.join(workdir, "metrics.jsonl"),
+               os.path.join(workdir, "tensorboard"))
+  return last_metrics
+
+
+def _init_from(config: ml_collections.ConfigDict, model: Any, state: dict[str, Any],
+               state_shardings: dict[str, Any]) -> dict[str, Any]:
+  """Replaces the fresh params by those of another run or an imported checkpoint."""
+  path = config.init_from
+  name, kwargs = checkpointing.read_run_model(path)
+  if name is not None and name != config.model_name:
+    raise ValueError(f"Config field 'init_from': {path} holds model_name={name!r}, the config "
+                     f"asks for {config.model_name!r}.")
+  loaded = checkpointing.load_params(path)
+  init_params = jax.device_get(state["params"])
+  module = models.get(config.model_name)
+  if hasattr(module, "load"):
+    loaded = module.load(init_params, loaded, config.model.to_dict())
+  params = checkpointing.merge_init_params(init_params, loaded, config.get("init_skip") or (),
+                                           path)
+  logging.info("Initialised params from %s (%s).", path, name or "unknown model")
+  params = jax.device_put(params, state_shardings["params"])
+  state = dict(state, params=params)
+  if "ema_params" in state:
+    state["ema_params"] = params
+  return state
+
+
+class _OnlyOrbaxWarnings(std_logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the console; its warnings still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
+  maybe_initialize_distributed()
+  config = flags.FLAGS.config
+  if config is None or flags.FLAGS.workdir is None:
+    raise app.UsageError("--config and --workdir are required.")
+  train_and_evaluate(config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
