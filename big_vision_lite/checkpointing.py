@@ -9,6 +9,7 @@ if the newest listed step still fails to restore, the previous one is used with 
 import json
 import os
 import re
+import time
 from typing import Any
 
 import jax
@@ -27,8 +28,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"),
-                                         options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -49,17 +50,30 @@ class Checkpointer:
     (another architecture) raises a ValueError naming the differing parameters.
     """
     for step in reversed(self.all_steps()):
-      _check_tree_matches(self._saved_state_tree(step)["params"], abstract_state["params"],
-                          f"{self.directory}/{step}")
+      try:
+        saved_params = self._saved_state_tree(step)["params"]
+      except Exception as e:  # pylint: disable=broad-except
+        self._warn_unreadable(step, e)
+        continue
+      _check_tree_matches(saved_params, abstract_state["params"], f"{self.directory}/{step}")
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint %s/%d does not restore (%s); trying the previous one.",
-                        self.directory, step, e)
+        self._warn_unreadable(step, e)
         continue
       return restored.state, restored.data, step
     return None
+
+  def _warn_unreadable(self, step: int, error: Exception) -> None:
+    """Moves an unreadable step aside (kept for inspection) so training can save it anew."""
+    aside = os.path.join(self.directory, f"{step}.unreadable-{int(time.time())}")
+    logging.warning("Checkpoint %s/%d does not restore (%s: %s); moved to %s, trying the "
+                    "previous one.", self.directory, step, type(error).__name__,
+                    str(error)[:300], aside)
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), aside)
+    self.manager.reload()
 
   def _saved_state_tree(self, step: int) -> Any:
     meta = self.manager.item_metadata(step)["state"]
@@ -123,8 +137,8 @@ def load_params(path: str) -> dict[str, Any]:
   if not os.path.isdir(directory):
     raise ValueError(f"Config field 'init_from': {path} holds neither an imported checkpoint "
                      "(params/) nor a run's checkpoints (checkpoints/).")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   step = manager.latest_step()
   if step is None:
     raise ValueError(f"Config field 'init_from': {directory} has no complete checkpoint.")

@@ -82,12 +82,14 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _check_same_architecture(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A workdir holding another model's run is an error, not a silent mix."""
-  name, kwargs = checkpointing.read_run_model(workdir)
-  if name is not None and (name != config.model_name or kwargs != config.model.to_dict()):
-    raise ValueError(f"Workdir {workdir} holds a run of model_name={name!r} model={kwargs}; "
-                     f"the config asks for model_name={config.model_name!r} "
-                     f"model={config.model.to_dict()}. Use another --workdir.")
+  """A workdir holding another model's run is an error, not a silent mix.
+
+  Variants of the same model are told apart when the checkpoint's params are restored.
+  """
+  name, _ = checkpointing.read_run_model(workdir)
+  if name is not None and name != config.model_name:
+    raise ValueError(f"Workdir {workdir} holds a run of model_name={name!r}; the config asks "
+                     f"for model_name={config.model_name!r}. Use another --workdir.")
 
 
 def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,

@@ -29,7 +29,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
           "orange": (245, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15),
           "pink": (250, 150, 180)}
 SPLITS = {"train": (8000, 1), "test": (1000, 2)}  # name: (examples, seed)
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 
 
 def shape_mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
