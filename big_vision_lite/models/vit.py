@@ -1,8 +1,9 @@
 """Vision Transformer (Dosovitskiy et al. 2021), with parameter names as in big_vision.
 
-`Model(num_classes=10, variant="S/16")(images)` -> (logits, aux). Images are NHWC float32.
-Encoder pieces (`MultiHeadAttention`, `MlpBlock`, `Encoder1DBlock`, `Encoder`) take an
-optional boolean attention mask so packed (NaViT) and memory-token models reuse them.
+`Model(num_classes=10, variant="S/16").apply(variables, images)` -> (logits, aux), images
+NHWC float32. The encoder pieces (`MultiHeadAttention`, `MlpBlock`, `Encoder1DBlock`,
+`Encoder`, `MAPHead`) take an optional boolean attention mask, broadcastable to
+[B, heads, Nq, Nk], so packed (NaViT) and memory-token models reuse them.
 """
 from typing import Any, Mapping, Sequence
 
@@ -21,15 +22,23 @@ PATCHES = (8, 14, 16, 32)
 POOL_TYPES = ("tok", "gap", "map", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
 FINAL_NORMS = ("pre_pool", "post_pool")
+DTYPES_MM = ("float32", "bfloat16", "float16")
+RESAMPLE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos3", "lanczos5")
+
+
+def _check_choice(field: str, value: Any, accepted: Sequence[Any]) -> None:
+  if value not in accepted:
+    raise ValueError(f"Model field {field!r} must be one of {', '.join(map(str, accepted))}; "
+                     f"got {value!r}.")
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
   """"S/16" -> dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=(16, 16))."""
-  size, _, patch = variant.partition("/")
+  size, _, patch = str(variant).partition("/")
   if size not in SIZES or not patch.isdigit() or int(patch) not in PATCHES:
     raise ValueError(f"Model field 'variant' must be <size>/<patch> with size in "
-                     f"{', '.join(SIZES)} and patch in {', '.join(map(str, PATCHES))}; got "
-                     f"{variant!r}.")
+                     f"{', '.join(SIZES)} and patch in {', '.join(map(str, PATCHES))} "
+                     f"(e.g. 'S/16'); got {variant!r}.")
   width, depth, mlp_dim, num_heads = SIZES[size]
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
               patch_size=(int(patch), int(patch)))
@@ -37,113 +46,144 @@ def parse_variant(variant: str) -> dict[str, Any]:
 
 def get_posemb_sincos2d(h: int, w: int, width: int, temperature: float = 10_000.0,
                         dtype: Any = jnp.float32) -> jax.Array:
-  """Fixed 2-D sin-cos position embedding [1, h*w, width] (y then x, sin then cos)."""
+  """Fixed 2-D sin-cos position embedding [1, h*w, width]: sin(x), cos(x), sin(y), cos(y)."""
   if width % 4:
-    raise ValueError(f"sincos2d position embeddings need width divisible by 4, got {width}.")
+    raise ValueError(f"posemb 'sincos2d' needs a width divisible by 4, got {width}.")
+  quarter = width // 4
   y, x = jnp.mgrid[:h, :w]
-  omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4 - 1))
-  y = y.reshape(-1)[:, None] * omega[None]  # [h*w, width/4]
-  x = x.reshape(-1)[:, None] * omega[None]
+  omega = 1.0 / temperature ** (jnp.arange(quarter) / max(quarter - 1, 1))  # [D/4]
+  y = y.reshape(-1)[:, None] * omega[None]  # [h*w, D/4]
+  x = x.reshape(-1)[:, None] * omega[None]  # [h*w, D/4]
   posemb = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
-  return posemb[None].astype(dtype)
+  return posemb[None].astype(dtype)  # [1, h*w, D]
+
+
+def _square_side(num_tokens: int, what: str, hint: str = "") -> int:
+  side = int(round(np.sqrt(num_tokens)))
+  if side * side != num_tokens:
+    raise ValueError(f"{what} has {num_tokens} tokens, not a square grid, so its (h, w) "
+                     f"cannot be inferred from the token count{hint}.")
+  return side
 
 
 def resample_posemb(posemb: jax.Array | np.ndarray, new_hw: tuple[int, int],
-                    method: str = "bilinear") -> jax.Array:
-  """Resizes a square grid of position embeddings [1, N, D] to [1, h*w, D]."""
-  n, d = posemb.shape[1:]
-  side = int(round(np.sqrt(n)))
-  if side * side != n:
-    raise ValueError(f"Cannot resample position embeddings of {n} tokens: not a square grid.")
-  grid = jnp.asarray(posemb).reshape(side, side, d)
-  grid = jax.image.resize(grid, (*new_hw, d), method=method)
+                    method: str = "bilinear",
+                    old_hw: tuple[int, int] | None = None) -> jax.Array:
+  """Resizes a grid of position embeddings [1, N, D] to [1, new_h*new_w, D].
+
+  The old grid is `old_hw`, or square when not given.
+  """
+  if method not in RESAMPLE_METHODS:
+    raise ValueError(f"resample_posemb 'method' must be one of {', '.join(RESAMPLE_METHODS)}; "
+                     f"got {method!r}.")
+  _, n, d = posemb.shape
+  if old_hw is None:
+    side = _square_side(n, "The position embedding", "; pass old_hw")
+    old_hw = (side, side)
+  if old_hw[0] * old_hw[1] != n:
+    raise ValueError(f"old_hw={tuple(old_hw)} does not match {n} position embeddings.")
+  grid = jnp.asarray(posemb).reshape(*old_hw, d)  # [h, w, D]
+  if tuple(old_hw) != tuple(new_hw):
+    grid = jax.image.resize(grid, (*new_hw, d), method=method)  # [new_h, new_w, D]
   return grid.reshape(1, new_hw[0] * new_hw[1], d)
 
 
+def stochastic_depth(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Stochastic depth: zeroes whole examples with probability `rate`, rescales the rest."""
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 class MultiHeadAttention(nn.Module):
-  """Self- or cross-attention; fused `jax.nn.dot_product_attention` unless maps are needed."""
+  """Multi-head dot-product attention, with flax's parameter names (query/key/value/out).
+
+  Uses the fused `jax.nn.dot_product_attention` unless the softmax maps are requested.
+  """
   num_heads: int
-  dtype: Any = None
+  dtype_mm: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None,
                return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """x [B, Nq, D], kv [B, Nk, D] (default x) -> ([B, Nq, D], [B, heads, Nq, Nk] or None)."""
     kv = x if kv is None else kv
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
-    dense = lambda name: nn.DenseGeneral((self.num_heads, width // self.num_heads),
-                                         name=name, kernel_init=nn.initializers.xavier_uniform())
+    dense = lambda name: nn.DenseGeneral(
+        (self.num_heads, width // self.num_heads), dtype=self.dtype_mm, name=name,
+        kernel_init=nn.initializers.xavier_uniform())
     q = dense("query")(x)  # [B, Nq, H, Dh]
     k = dense("key")(kv)  # [B, Nk, H, Dh]
-    v = dense("value")(kv)
+    v = dense("value")(kv)  # [B, Nk, H, Dh]
+    if mask is not None:
+      mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
+    weights = None
     if return_attention:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, Nq, Nk]
+      logits = logits / np.sqrt(q.shape[-1])
       if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, Nq, H, Dh]
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      weights = jax.nn.softmax(logits, axis=-1)  # [B, H, Nq, Nk]
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)  # [B, Nq, H, Dh]
     else:
-      if mask is not None:
-        mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-      weights = None
-    out = nn.DenseGeneral(width, axis=(-2, -1), name="out",
-                          kernel_init=nn.initializers.xavier_uniform())(out)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, Nq, H, Dh]
+    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype_mm, name="out",
+                          kernel_init=nn.initializers.xavier_uniform())(out)  # [B, Nq, D]
     return out, weights
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> dropout -> Dense."""
+  """Dense(mlp_dim) -> GELU -> dropout -> Dense(D)."""
   mlp_dim: int
   dropout: float = 0.0
   gelu_approximate: bool = True
+  dtype_mm: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     init = dict(kernel_init=nn.initializers.xavier_uniform(),
-                bias_init=nn.initializers.normal(stddev=1e-6))
+                bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype_mm)
     width = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, **init)(x)
+    x = nn.Dense(self.mlp_dim, **init)(x)  # [..., mlp_dim]
     x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    return nn.Dense(width, **init)(x)
-
-
-def _drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate), 0.0)
+    return nn.Dense(width, **init)(x)  # [..., D]
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN block: x + MHSA(LN(x)), then x + MLP(LN(x)), with dropout and drop-path."""
+  """Pre-LN block: x + MHSA(LN(x)), then x + MLP(LN(x)); dropout and drop-path on branches."""
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   drop_path: float = 0.0
   gelu_approximate: bool = True
   layernorm_eps: float = 1e-6
+  dtype_mm: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
                return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """x [B, N, D] -> ([B, N, D], attention [B, heads, N, N] or None)."""
     def residual(x, y):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       if train and self.drop_path > 0:
-        y = _drop_path(y, self.drop_path, self.make_rng("dropout"))
+        y = stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
       return x + y
 
     y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
-    y, weights = MultiHeadAttention(self.num_heads, name="MultiHeadDotProductAttention_0")(
-        y, mask=mask, return_attention=return_attention)
+    y, weights = MultiHeadAttention(self.num_heads, self.dtype_mm,
+                                    name="MultiHeadDotProductAttention_0")(
+                                        y, mask=mask, return_attention=return_attention)
     x = residual(x, y)
     y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate)(y, train)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype_mm)(y, train)
     return residual(x, y), weights
 
 
 class Encoder(nn.Module):
-  """Stack of `depth` blocks and a final LayerNorm (`encoder_norm`, optional)."""
+  """`depth` blocks (`encoderblock_{i}`), drop-path rising linearly from 0 to `drop_path`,
+  then LayerNorm `encoder_norm` unless `final_norm` is False."""
   depth: int
   mlp_dim: int
   num_heads: int
@@ -151,46 +191,54 @@ class Encoder(nn.Module):
   drop_path: float = 0.0
   gelu_approximate: bool = True
   layernorm_eps: float = 1e-6
+  dtype_mm: str = "float32"
   final_norm: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
                return_attention: bool = False) -> tuple[jax.Array, dict[str, Any]]:
-    aux: dict[str, Any] = {"attention": []} if return_attention else {}
+    """x [B, N, D] -> ([B, N, D], aux with "block{i:02d}" and, on request, "attention")."""
+    aux: dict[str, Any] = {}
+    maps = []
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x, weights = Encoder1DBlock(
           self.mlp_dim, self.num_heads, self.dropout, rate, self.gelu_approximate,
-          self.layernorm_eps, name=f"encoderblock_{i}")(x, mask, train, return_attention)
+          self.layernorm_eps, self.dtype_mm, name=f"encoderblock_{i}")(
+              x, mask, train, return_attention)
       aux[f"block{i:02d}"] = x
-      if return_attention:
-        aux["attention"].append(weights)
+      maps.append(weights)
+    if return_attention:
+      aux["attention"] = maps
     if self.final_norm:
       x = nn.LayerNorm(epsilon=self.layernorm_eps, name="encoder_norm")(x)
     return x, aux
 
 
 class MAPHead(nn.Module):
-  """Multihead attention pooling: a learned probe attends over the tokens."""
+  """Multihead attention pooling: a learned probe attends over the tokens, then an MLP."""
   mlp_dim: int
   num_heads: int
   gelu_approximate: bool = True
   layernorm_eps: float = 1e-6
+  dtype_mm: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    width = x.shape[-1]
-    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), x.dtype)
-    probe = jnp.tile(probe, (x.shape[0], 1, 1))  # [B, 1, D]
-    y, _ = MultiHeadAttention(self.num_heads, name="MultiHeadDotProductAttention_0")(
-        probe, x, mask=mask)
+    """x [B, N, D], mask broadcastable to [B, heads, 1, N] -> [B, D]."""
+    b, _, width = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), jnp.float32)
+    probe = jnp.tile(probe, (b, 1, 1)).astype(x.dtype)  # [B, 1, D]
+    y, _ = MultiHeadAttention(self.num_heads, self.dtype_mm,
+                              name="MultiHeadDotProductAttention_0")(probe, x, mask=mask)
     z = nn.LayerNorm(epsilon=self.layernorm_eps)(y)
-    y = y + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate)(z)
-    return y[:, 0]  # [B, D]
+    y = y + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate,
+                     dtype_mm=self.dtype_mm)(z)  # [B, 1, D]
+    return y[:, 0]
 
 
 class Model(nn.Module):
-  """ViT classifier; see the module docstring and SPEC "ViT"."""
+  """ViT classifier. `variant` ("S/16", ...) overrides width/depth/mlp_dim/num_heads/patch."""
   num_classes: int | None = None
   variant: str | None = None
   width: int = 768
@@ -206,84 +254,106 @@ class Model(nn.Module):
   final_norm: str = "pre_pool"
   gelu_approximate: bool = True
   layernorm_eps: float = 1e-6
+  dtype_mm: str = "float32"
 
   def __post_init__(self):
-    for field, value, accepted in (("pool_type", self.pool_type, POOL_TYPES),
-                                   ("posemb", self.posemb, POSEMB_TYPES),
-                                   ("final_norm", self.final_norm, FINAL_NORMS)):
-      if value not in accepted:
-        raise ValueError(f"Model field {field!r} must be one of {', '.join(accepted)}, "
-                         f"got {value!r}.")
-    if self.variant is not None:
-      parse_variant(self.variant)
+    _check_choice("pool_type", self.pool_type, POOL_TYPES)
+    _check_choice("posemb", self.posemb, POSEMB_TYPES)
+    _check_choice("final_norm", self.final_norm, FINAL_NORMS)
+    _check_choice("dtype_mm", self.dtype_mm, DTYPES_MM)
+    hp = self.hparams()
+    if len(hp["patch_size"]) != 2:
+      raise ValueError(f"Model field 'patch_size' must be (h, w), got {self.patch_size!r}.")
+    if hp["width"] % hp["num_heads"]:
+      raise ValueError(f"Model field 'width' ({hp['width']}) must be divisible by "
+                       f"'num_heads' ({hp['num_heads']}).")
+    for field in ("dropout", "drop_path"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        raise ValueError(f"Model field {field!r} must be in [0, 1), got "
+                         f"{getattr(self, field)!r}.")
     super().__post_init__()
 
   def hparams(self) -> dict[str, Any]:
     """width, depth, mlp_dim, num_heads and patch_size after applying `variant`."""
-    h = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
-             num_heads=self.num_heads, patch_size=tuple(self.patch_size))
+    hp = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
+              num_heads=self.num_heads, patch_size=tuple(self.patch_size))
     if self.variant is not None:
-      h.update(parse_variant(self.variant))
-    h["mlp_dim"] = h["mlp_dim"] or 4 * h["width"]
-    return h
+      hp.update(parse_variant(self.variant))
+    hp["mlp_dim"] = hp["mlp_dim"] or 4 * hp["width"]
+    return hp
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
                return_attention: bool = False) -> tuple[jax.Array, dict[str, Any]]:
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"ViT expects NHWC images [B, H, W, 3], got shape {images.shape}.")
+    """images [B, H, W, 3] -> (logits [B, C] ([B, N, C] for pool "none"), aux)."""
     hp = self.hparams()
+    patch = hp["patch_size"]
+    if (images.ndim != 4 or images.shape[-1] != 3
+        or not jnp.issubdtype(images.dtype, jnp.floating)):
+      raise ValueError(f"ViT expects float NHWC images [B, H, W, 3], got {images.dtype} "
+                       f"{images.shape} (NCHW input must be transposed).")
+    if images.shape[1] < patch[0] or images.shape[2] < patch[1]:
+      raise ValueError(f"Images {images.shape[1:3]} are smaller than one patch {patch}.")
     width = hp["width"]
     aux: dict[str, Any] = {}
-    x = nn.Conv(width, hp["patch_size"], strides=hp["patch_size"], padding="VALID",
-                name="embedding")(images)  # [B, h, w, D]
+    x = nn.Conv(width, patch, strides=patch, padding="VALID", dtype=self.dtype_mm,
+                name="embedding")(images.astype(self.dtype_mm))  # [B, h, w, D]
     aux["stem"] = x
     b, h, w, _ = x.shape
     x = x.reshape(b, h * w, width)  # [B, N, D]
     if self.posemb == "learn":
-      x = x + self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
-                         (1, h * w, width), x.dtype)
+      posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
+                          (1, h * w, width), jnp.float32)
     else:
-      x = x + get_posemb_sincos2d(h, w, width, dtype=x.dtype)
+      posemb = get_posemb_sincos2d(h, w, width)
+    x = x + posemb.astype(x.dtype)  # [B, N, D]
     if self.pool_type == "tok":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, width), x.dtype)
-      x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
+      x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)  # [B, 1+N, D]
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    pre_pool_norm = self.final_norm == "pre_pool"
+    pre_pool = self.final_norm == "pre_pool"
     x, encoder_aux = Encoder(
         hp["depth"], hp["mlp_dim"], hp["num_heads"], self.dropout, self.drop_path,
-        self.gelu_approximate, self.layernorm_eps, final_norm=pre_pool_norm,
+        self.gelu_approximate, self.layernorm_eps, self.dtype_mm, final_norm=pre_pool,
         name="Transformer")(x, train=train, return_attention=return_attention)
     aux.update(encoder_aux)
     aux["encoded"] = x
     if self.pool_type == "tok":
-      x = x[:, 0]
+      x = x[:, 0]  # [B, D]
     elif self.pool_type == "gap":
-      x = x.mean(axis=1)
+      x = x.mean(axis=1)  # [B, D]
     elif self.pool_type == "map":
-      x = MAPHead(hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
-                  self.layernorm_eps)(x)
-    if not pre_pool_norm:
+      x = MAPHead(hp["mlp_dim"], hp["num_heads"], self.gelu_approximate, self.layernorm_eps,
+                  self.dtype_mm)(x)  # [B, D]
+    if not pre_pool:
       x = nn.LayerNorm(epsilon=self.layernorm_eps, name="fc_norm")(x)
     aux["pre_logits"] = x
     if self.num_classes:
       init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-      x = nn.Dense(self.num_classes, kernel_init=init, name="head")(x)
+      x = nn.Dense(self.num_classes, kernel_init=init, name="head")(x)  # [B, C]
     aux["logits"] = x
     return x, aux
 
 
 def load(init_params: Mapping[str, Any], loaded_params: Mapping[str, Any],
          model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  """Adapts loaded params to the configured model: resamples `pos_embedding` if needed."""
+  """Adapts loaded params to the model of `init_params`: resamples `pos_embedding`.
+
+  Both grids are inferred from token counts and must be square when they differ.
+  """
   del model_kwargs
   params = dict(loaded_params)
-  if "pos_embedding" in params and "pos_embedding" in init_params:
-    old, new = params["pos_embedding"], init_params["pos_embedding"]
-    if old.shape != new.shape:
-      side = int(round(np.sqrt(new.shape[1])))
-      if side * side != new.shape[1]:
-        raise ValueError(f"Cannot resample position embeddings to {new.shape[1]} tokens: "
-                         "not a square grid.")
-      params["pos_embedding"] = np.asarray(resample_posemb(old, (side, side)))
+  if "pos_embedding" not in params or "pos_embedding" not in init_params:
+    return params
+  old, new = params["pos_embedding"], init_params["pos_embedding"]
+  if old.shape == new.shape:
+    return params
+  if old.shape[2] != new.shape[2]:
+    raise ValueError(f"Checkpoint pos_embedding {old.shape} has a different width from the "
+                     f"model's {new.shape}.")
+  new_side = _square_side(new.shape[1], "The model's pos_embedding")
+  old_side = _square_side(old.shape[1], "The checkpoint's pos_embedding")
+  params["pos_embedding"] = np.asarray(
+      resample_posemb(old, (new_side, new_side), old_hw=(old_side, old_side)),
+      dtype=np.asarray(old).dtype)
   return params
