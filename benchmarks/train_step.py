@@ -1,6 +1,6 @@
 r"""Train-step throughput of any config: images/s, FLOP/s and MFU.
 
-  python benchmarks/train_step.py --config configs/vit.py:variant=S/16,res=224 \
+  python -m benchmarks.train_step --config configs/vit.py:variant=S/16,res=224 \
       --config.input.batch_size=32
 
 The step is the train loop's own jitted step (`train.build_training`) on one batch from the
@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from big_vision_lite import config_lib
 from big_vision_lite import models
@@ -24,7 +23,7 @@ from big_vision_lite import tasks
 from big_vision_lite import train
 from big_vision_lite.input import data as data_lib
 
-config_flags.DEFINE_config_file("config", None, "Config file (with optional :args).")
+# --config is the train loop's own flag (defined when big_vision_lite.train is imported).
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures peak.")

@@ -44,7 +44,7 @@ def _apply(timm_name, state, x_nchw):
   assert model_name == "vit"
   json.dumps(kwargs)  # model.json must be able to hold the kwargs.
   model = models.get(model_name).Model(**kwargs)
-  out, _ = model.apply(variables, np.transpose(x_nchw, (0, 2, 3, 1)), train=False)
+  out, _ = jax.jit(model.apply)(variables, np.transpose(x_nchw, (0, 2, 3, 1)))
   return np.asarray(out), kwargs
 
 
@@ -145,6 +145,6 @@ def test_cli_writes_loadable_checkpoint(tmp_path):
   assert sorted(map(str, restored_flat)) == sorted(map(str, expected_flat))
   for path, value in expected_flat.items():
     np.testing.assert_array_equal(np.asarray(restored_flat[path]), value, err_msg=str(path))
-  out, _ = models.get(meta["model_name"]).Model(**meta["model"]).apply(
-      {"params": restored}, x.transpose(0, 2, 3, 1))
+  model = models.get(meta["model_name"]).Model(**meta["model"])
+  out, _ = jax.jit(model.apply)({"params": restored}, x.transpose(0, 2, 3, 1))
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)

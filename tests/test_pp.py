@@ -28,6 +28,9 @@ def test_decode_rejects_wrong_rank_and_dtype():
   with pytest.raises(ValueError, match=r"'image' must be an \[H, W, 3\] image, got shape "
                      r"\(4, 4\) dtype uint8"):
     run("decode", {"image": np.zeros((4, 4), np.uint8)})
+  with pytest.raises(ValueError, match=r"'photo' must be an \[H, W, 3\] image, got shape "
+                     r"\(4, 4, 4\) dtype int32"):
+    run('decode(key="photo")', {"photo": np.zeros((4, 4, 4), np.int32)})
   with pytest.raises(ValueError, match="must be uint8, got shape .* dtype float32"):
     run("decode", {"image": np.zeros((4, 4, 3), np.float32)})
 
@@ -111,13 +114,46 @@ def test_keep_drop_copy():
     run('keep("labels")', ex)
 
 
+def test_resize_methods_and_antialiasing():
+  stripes = np.zeros((8, 8, 3), np.uint8)
+  stripes[:, ::2] = 255  # Alternating columns: mean 127.5.
+  area = run("resize((8, 4), method='area')", {"image": stripes})["image"]
+  np.testing.assert_array_equal(area, np.full((8, 4, 3), 128))  # Box filter = 2x2 means.
+  bilinear = run("resize(4)", {"image": stripes})["image"]
+  assert np.abs(bilinear.astype(float) - 127.5).max() < 40  # Antialiased when shrinking.
+  nearest = run("resize(4, method='nearest')", {"image": stripes})["image"]
+  assert set(np.unique(nearest)) <= {0, 255}
+  with pytest.raises(ValueError, match=r"method must be one of nearest, bilinear, .*; got "
+                     r"'cubic'"):
+    pp.get_preprocess_fn("resize(4, method='cubic')")
+
+
+def test_split_respects_strings_and_brackets():
+  ex = {"a|b": 1, "x": 2}
+  assert run('keep("a|b")', ex) == {"a|b": 1}
+  assert run('copy("a|b", "c") | keep("c", "x")', ex) == {"c": 1, "x": 2}
+  assert run("", ex) == ex
+
+
+def test_validate_checks_names_and_arguments_without_running():
+  pp.validate('decode|resize(48)|flip_lr|value_range(-1, 1)|onehot(10, key="label", '
+              'key_result="labels")|keep("image", "labels")')
+  with pytest.raises(ValueError, match=r"pp op 'onehot\(\)': bad arguments for onehot\("):
+    pp.validate("decode|onehot()")
+
+
 @pytest.mark.parametrize("pp_string,message", [
     ("decode|blur(3)", r"Unknown pp op 'blur'; known: .*central_crop.*value_range"),
-    ("decode|resize(48", r"not of the form name"),
-    ("resize(size)", r"arguments must be Python literals"),
-    ("os.system('x')", r"not of the form name"),
-    ("resize(48, colour=1)", r"pp op 'resize': bad arguments"),
+    ("decode|resize(48", r"pp op 'resize\(48' is not of the form name"),
+    ("resize(size)", r"pp op 'resize\(size\)': arguments must be Python literals"),
+    ("resize(4 + x)", r"arguments must be Python literals"),
+    ("os.system('x')", r"pp op \"os.system\('x'\)\" is not of the form name"),
+    ("resize(**{'size': 4})", r"not of the form name"),
+    ("resize(48, colour=1)", r"pp op 'resize\(48, colour=1\)': bad arguments"),
+    ("decode||flip_lr", r"has an empty op"),
 ])
 def test_bad_pp_strings(pp_string, message):
+  with pytest.raises(ValueError, match=message):
+    pp.validate(pp_string)
   with pytest.raises(ValueError, match=message):
     pp.get_preprocess_fn(pp_string)

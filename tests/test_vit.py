@@ -1,4 +1,6 @@
 """ViT: shapes, position embeddings, attention paths and masks, loading, errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,52 +12,84 @@ vit = models.get("vit")
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=(8, 8))
 
 
-def _init(model, images):
-  return model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images,
-                    train=False)
+def _init(module, *args, **kwargs):
+  """Random variables of the right shapes; skips flax's initialisers, slow to run eagerly."""
+  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
+@functools.cache
+def _jit_apply(module):
+  return jax.jit(module.apply, static_argnames=("train", "return_attention"))
+
+
+def _apply(module, variables, *args, **kwargs):
+  """`module.apply`, jitted once per module config: cheaper than eager op-by-op compiles."""
+  return _jit_apply(module)(variables, *args, **kwargs)
+
+
+def _normal(shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def _images(b=2, h=32, w=32, seed=0):
-  return jax.random.normal(jax.random.key(seed), (b, h, w, 3))
+  return _normal((b, h, w, 3), seed)
 
 
 @pytest.mark.parametrize("pool_type,tokens", [("tok", 17), ("gap", 16), ("map", 16)])
 def test_pooled_shapes(pool_type, tokens):
   model = vit.Model(num_classes=5, pool_type=pool_type, **TINY)
   images = _images()
-  logits, aux = model.apply(_init(model, images), images, return_attention=True)
+  variables = _init(model, images)
+  logits, aux = _apply(model, variables, images, return_attention=True)
   assert logits.shape == (2, 5)
   assert aux["stem"].shape == (2, 4, 4, 32)
   assert aux["encoded"].shape == (2, tokens, 32)
   assert aux["pre_logits"].shape == (2, 32)
   assert aux["logits"].shape == (2, 5)
-  assert len(aux["attention"]) == 2
-  assert aux["attention"][0].shape == (2, 4, tokens, tokens)
+  assert [a.shape for a in aux["attention"]] == [(2, 4, tokens, tokens)] * 2
+  params = variables["params"]
+  assert ("cls" in params) == (pool_type == "tok")
+  assert ("MAPHead_0" in params) == (pool_type == "map")
+  assert params["pos_embedding"].shape == (1, 16, 32)
+  block = params["Transformer"]["encoderblock_1"]
+  assert sorted(block) == ["LayerNorm_0", "LayerNorm_1", "MlpBlock_0",
+                           "MultiHeadDotProductAttention_0"]
+  attn = block["MultiHeadDotProductAttention_0"]
+  assert attn["query"]["kernel"].shape == (32, 4, 8)
+  assert attn["out"]["kernel"].shape == (4, 8, 32)
+  assert "encoder_norm" in params["Transformer"]
 
 
-def test_pool_none_is_per_token_and_no_head():
+def test_pool_none_post_pool_and_headless():
   model = vit.Model(num_classes=3, pool_type="none", **TINY)
   images = _images(h=16, w=24)
-  out, aux = model.apply(_init(model, images), images)
-  assert out.shape == (2, 6, 3)
-  headless = vit.Model(num_classes=None, **TINY)
-  out, aux = headless.apply(_init(headless, images), images)
-  assert out.shape == (2, 32) and "head" not in _init(headless, images)["params"]
+  out, aux = _apply(model, _init(model, images), images)
+  assert out.shape == (2, 6, 3) and aux["pre_logits"].shape == (2, 6, 32)
+  headless = vit.Model(num_classes=None, final_norm="post_pool", **TINY)
+  variables = _init(headless, images)
+  out, _ = _apply(headless, variables, images)
+  assert out.shape == (2, 32)
+  assert "head" not in variables["params"] and "fc_norm" in variables["params"]
+  assert "encoder_norm" not in variables["params"]["Transformer"]
 
 
 @pytest.mark.parametrize("variant,width,depth,heads,patch", [
     ("Ti/16", 192, 12, 3, 16), ("S/8", 384, 12, 6, 8), ("B/32", 768, 12, 12, 32),
-    ("L/14", 1024, 24, 16, 14)])
+    ("L/14", 1024, 24, 16, 14), ("H/14", 1280, 32, 16, 14)])
 def test_variants(variant, width, depth, heads, patch):
-  model = vit.Model(num_classes=4, variant=variant, width=8, depth=1)
+  model = vit.Model(num_classes=4, variant=variant, width=8, depth=1, num_heads=1)
   hp = model.hparams()
   assert (hp["width"], hp["depth"], hp["num_heads"], hp["patch_size"], hp["mlp_dim"]) == (
       width, depth, heads, (patch, patch), 4 * width)
-  if variant == "Ti/16":
-    images = jnp.zeros((1, 32, 32, 3))
-    params = jax.eval_shape(lambda: _init(model, images))["params"]
-    assert params["embedding"]["kernel"].shape == (16, 16, 3, 192)
-    assert len([k for k in params["Transformer"] if k.startswith("encoderblock_")]) == 12
+  images = np.zeros((1, 2 * patch, 3 * patch, 3), np.float32)
+  (logits, aux), variables = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.key(0), images))
+  assert logits.shape == (1, 4) and aux["encoded"].shape == (1, 6, width)
+  params = variables["params"]
+  assert params["embedding"]["kernel"].shape == (patch, patch, 3, width)
+  assert len([k for k in params["Transformer"] if k.startswith("encoderblock_")]) == depth
 
 
 def test_sincos_posemb_matches_naive_formula():
@@ -63,54 +97,79 @@ def test_sincos_posemb_matches_naive_formula():
   got = np.asarray(vit.get_posemb_sincos2d(h, w, d))
   assert got.shape == (1, h * w, d)
   q = d // 4
-  omega = 1.0 / 10_000.0 ** (np.arange(q) / (q - 1))
+  omega = [1.0 / 10_000.0 ** (k / (q - 1)) for k in range(q)]
   expected = np.zeros((h * w, d))
   for i in range(h):
     for j in range(w):
-      row = i * w + j
-      expected[row] = np.concatenate([np.sin(j * omega), np.cos(j * omega),
-                                      np.sin(i * omega), np.cos(i * omega)])
+      for k in range(q):
+        expected[i * w + j, [k, q + k, 2 * q + k, 3 * q + k]] = [
+            np.sin(j * omega[k]), np.cos(j * omega[k]),
+            np.sin(i * omega[k]), np.cos(i * omega[k])]
   np.testing.assert_allclose(got[0], expected, atol=1e-5)
   model = vit.Model(num_classes=2, posemb="sincos2d", **TINY)
   assert "pos_embedding" not in _init(model, _images())["params"]
 
 
 def test_attention_maps_and_fused_path_agree():
-  model = vit.Model(num_classes=5, pool_type="tok", head_zeroinit=False, **TINY)
+  model = vit.Model(num_classes=5, pool_type="tok", **TINY)
   images = _images()
   variables = _init(model, images)
-  fused, _ = model.apply(variables, images)
-  explicit, aux = model.apply(variables, images, return_attention=True)
+  fused, fused_aux = _apply(model, variables, images)
+  explicit, aux = _apply(model, variables, images, return_attention=True)
+  assert "attention" not in fused_aux
   np.testing.assert_allclose(fused, explicit, rtol=1e-5, atol=1e-5)
+  assert len(aux["attention"]) == 2
   for weights in aux["attention"]:
+    assert weights.shape == (2, 4, 17, 17)
+    assert np.all(np.asarray(weights) >= 0)
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("return_attention", [False, True])
-def test_block_diagonal_mask_isolates_blocks(return_attention):
+def test_block_diagonal_mask_isolates_blocks():
   block = vit.Encoder1DBlock(mlp_dim=32, num_heads=2)
-  x = jax.random.normal(jax.random.key(0), (1, 6, 16))  # [B, N, D]
-  segments = jnp.array([1, 1, 1, 2, 2, 2])
+  x = _normal((1, 6, 16))  # [B, N, D]
+  segments = np.array([1, 1, 1, 2, 2, 2])
   mask = (segments[:, None] == segments[None, :])[None, None]  # [1, 1, N, N]
-  variables = block.init(jax.random.key(1), x, mask)
-  out, weights = block.apply(variables, x, mask, return_attention=return_attention)
-  alone, _ = block.apply(variables, x[:, :3], return_attention=return_attention)
-  np.testing.assert_allclose(out[:, :3], alone, rtol=1e-5, atol=1e-5)
-  changed = x.at[:, 3:].set(jax.random.normal(jax.random.key(2), (1, 3, 16)))
-  out2, _ = block.apply(variables, changed, mask, return_attention=return_attention)
-  np.testing.assert_allclose(out2[:, :3], out[:, :3], rtol=1e-6, atol=1e-6)
-  if return_attention:
-    np.testing.assert_array_equal(np.asarray(weights)[0, :, :3, 3:], 0.0)
+  variables = _init(block, x, mask)
+  changed = np.concatenate([x[:, :3], _normal((1, 3, 16), seed=2)], axis=1)
+  alone, _ = _apply(block, variables, x[:, :3])
+  outs = {}
+  for return_attention in (False, True):
+    out, weights = _apply(block, variables, x, mask, return_attention=return_attention)
+    out2, _ = _apply(block, variables, changed, mask, return_attention=return_attention)
+    np.testing.assert_allclose(out2[:, :3], out[:, :3], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out[:, :3], alone, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out2[:, 3:], out[:, 3:])
+    outs[return_attention] = out
+  np.testing.assert_allclose(outs[False], outs[True], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(weights)[0, :, :3, 3:], 0.0)
+  np.testing.assert_array_equal(np.asarray(weights)[0, :, 3:, :3], 0.0)
+
+
+def test_map_head_mask_ignores_masked_tokens():
+  head = vit.MAPHead(mlp_dim=32, num_heads=2)
+  x = _normal((2, 5, 16))  # [B, N, D]
+  valid = np.array([True, True, True, False, False])
+  variables = _init(head, x)
+  masked = _apply(head, variables, x, mask=valid[None, None, None, :])
+  np.testing.assert_allclose(masked, _apply(head, variables, x[:, :3]), rtol=1e-5, atol=1e-5)
 
 
 def test_resample_posemb():
-  posemb = jax.random.normal(jax.random.key(0), (1, 16, 8))
-  np.testing.assert_allclose(vit.resample_posemb(posemb, (4, 4)), posemb, atol=1e-6)
+  posemb = _normal((1, 16, 8))
+  np.testing.assert_array_equal(vit.resample_posemb(posemb, (4, 4)), posemb)
   for method in ("bilinear", "bicubic"):
     got = vit.resample_posemb(posemb, (6, 3), method=method)
-    expected = jax.image.resize(posemb[0].reshape(4, 4, 8), (6, 3, 8), method=method)
+    grid = np.asarray(posemb)[0].reshape(4, 4, 8)
+    expected = jax.image.resize(grid, (6, 3, 8), method=method)
     assert got.shape == (1, 18, 8)
-    np.testing.assert_allclose(got[0], expected.reshape(18, 8), atol=1e-6)
+    np.testing.assert_allclose(got[0], np.asarray(expected).reshape(18, 8), atol=1e-6)
+  rect = vit.resample_posemb(posemb[:, :12], (4, 6), old_hw=(2, 6))
+  np.testing.assert_allclose(rect[0, :6], posemb[0, :6], atol=1e-6)
+  with pytest.raises(ValueError, match="old_hw"):
+    vit.resample_posemb(posemb[:, :12], (4, 4))
+  with pytest.raises(ValueError, match="method"):
+    vit.resample_posemb(posemb, (4, 4), method="cubic_spline")
 
 
 def test_load_resamples_pos_embedding():
@@ -118,40 +177,83 @@ def test_load_resamples_pos_embedding():
   small = jax.tree.map(np.asarray, _init(model, _images(h=16, w=16))["params"])
   large = jax.tree.map(np.asarray, _init(model, _images(h=32, w=32))["params"])
   loaded = vit.load(large, small, dict(TINY))
-  assert loaded is not small
   assert loaded["pos_embedding"].shape == (1, 16, 32)
+  assert small["pos_embedding"].shape == (1, 4, 32)
   np.testing.assert_allclose(loaded["pos_embedding"],
                              vit.resample_posemb(small["pos_embedding"], (4, 4)), atol=1e-6)
   np.testing.assert_array_equal(loaded["cls"], small["cls"])
-  model.apply({"params": loaded}, _images())
+  logits, _ = _apply(model, {"params": loaded}, _images())
+  assert logits.shape == (2, 3)
   same = vit.load(small, small, dict(TINY))
   np.testing.assert_array_equal(same["pos_embedding"], small["pos_embedding"])
+  rect = dict(small, pos_embedding=np.zeros((1, 6, 32), np.float32))
+  with pytest.raises(ValueError, match="not a square grid"):
+    vit.load(large, rect, dict(TINY))
 
 
 def test_zero_init_head_gives_zero_logits():
-  model = vit.Model(num_classes=7, **TINY)
+  model = vit.Model(num_classes=7, **dict(TINY, depth=1))
   images = _images()
-  logits, _ = model.apply(_init(model, images), images)
+  variables = jax.jit(model.init)(jax.random.key(0), images)
+  np.testing.assert_array_equal(variables["params"]["head"]["kernel"], 0.0)
+  np.testing.assert_array_equal(variables["params"]["head"]["bias"], 0.0)
+  logits, _ = _apply(model, variables, images)
   np.testing.assert_array_equal(logits, 0.0)
 
 
-def test_dropout_only_in_train():
-  model = vit.Model(num_classes=5, head_zeroinit=False, dropout=0.3, drop_path=0.3, **TINY)
+@pytest.mark.parametrize("dropout,drop_path", [(0.3, 0.0), (0.0, 0.5)])
+def test_dropout_and_drop_path_only_in_train(dropout, drop_path):
+  model = vit.Model(num_classes=5, dropout=dropout, drop_path=drop_path, **TINY)
   images = _images()
   variables = _init(model, images)
-  eval1, _ = model.apply(variables, images)
-  eval2, _ = model.apply(variables, images, train=False)
-  np.testing.assert_array_equal(eval1, eval2)
-  train1, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(3)})
-  train2, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(4)})
-  assert not np.allclose(train1, eval1)
+  plain = vit.Model(num_classes=5, **TINY)
+  eval_out, eval_aux = _apply(model, variables, images)
+  np.testing.assert_array_equal(eval_out, _apply(plain, variables, images)[0])
+  train1, aux = _apply(model, variables, images, train=True, rngs={"dropout": jax.random.key(3)})
+  train2, _ = _apply(model, variables, images, train=True, rngs={"dropout": jax.random.key(4)})
+  assert not np.allclose(train1, eval_out)
   assert not np.allclose(train1, train2)
+  if not dropout:  # Drop-path rises linearly from 0: the first block never drops.
+    np.testing.assert_allclose(aux["block00"], eval_aux["block00"], rtol=1e-5, atol=1e-5)
+
+
+def test_stochastic_depth_drops_whole_examples():
+  x = np.ones((4000, 3, 2), np.float32)
+  y = np.asarray(jax.jit(vit.stochastic_depth, static_argnums=1)(x, 0.25, jax.random.key(0)))
+  kept = y[:, 0, 0] > 0
+  assert np.all(y[kept] == 1 / 0.75) and np.all(y[~kept] == 0)
+  assert abs(kept.mean() - 0.75) < 0.03
+
+
+def test_bfloat16_matmuls():
+  model = vit.Model(num_classes=5, dtype_mm="bfloat16", **TINY)
+  images = _images()
+  variables = _init(model, images)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  out, aux = _apply(model, variables, images)
+  assert aux["stem"].dtype == jnp.bfloat16
+  reference, _ = _apply(vit.Model(num_classes=5, **TINY), variables, images)
+  np.testing.assert_allclose(out.astype(np.float32), reference, rtol=0.1, atol=0.1)
 
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(variant="X/16"), "variant"), (dict(variant="S/15"), "variant"),
     (dict(pool_type="max"), "pool_type"), (dict(posemb="rope"), "posemb"),
-    (dict(final_norm="none"), "final_norm")])
+    (dict(final_norm="none"), "final_norm"), (dict(dtype_mm="int8"), "dtype_mm"),
+    (dict(width=30, num_heads=4), "num_heads"), (dict(drop_path=1.0), "drop_path")])
 def test_bad_config_names_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     vit.Model(num_classes=2, **kwargs)
+
+
+def test_variant_error_lists_accepted_values():
+  with pytest.raises(ValueError, match=r"Ti, S, M, B, L, H.*8, 14, 16, 32"):
+    vit.Model(variant="XL/16")
+
+
+def test_bad_images_are_rejected():
+  model = vit.Model(num_classes=2, **TINY)
+  with pytest.raises(ValueError, match="NHWC"):
+    _init(model, np.zeros((2, 3, 32, 32), np.float32))
+  with pytest.raises(ValueError, match="NHWC"):
+    _init(model, np.zeros((2, 32, 32, 3), np.uint8))

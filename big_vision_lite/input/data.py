@@ -1,14 +1,16 @@
 """Datasets by tfds name, read with grain: deterministic, per-process, checkpointable.
 
-`data` config dicts have `name` (a tfds name, or "shapes" for the embedded dataset),
-`split` (tfds split syntax, e.g. "train[:90%]") and optional `data_dir`. Datasets are read
-with `tfds.data_source`, i.e. from array_record files, which needs no TensorFlow.
+`data` config dicts have `name` (a tfds name such as "cifar10" or "coco/2017", or "shapes"
+/ "shapes/tiny" for the embedded dataset), `split` (tfds split syntax, e.g. "train[:90%]")
+and optional `data_dir`. Datasets are read with tfds's random-access data sources, i.e.
+from array_record files, which needs no TensorFlow.
 
-Train order: one global stream (shuffled anew each epoch, augmentation seeded per element),
-cut into global batches; process p reads rows [p·B/P, (p+1)·B/P) of every global batch, so
-the global batch is the same whatever the number of processes.
+Train order: one global stream (shuffled anew each epoch, augmentation seeded per stream
+position), cut into global batches; process p reads rows [p·B/P, (p+1)·B/P) of every global
+batch, so a global batch is the same whatever the number of processes. Iterator states are
+JSON dicts ({"next_index": n}, the number of local batches read).
 """
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -18,38 +20,73 @@ from big_vision_lite.input import pp as pp_lib
 from big_vision_lite.input import shapes
 
 _STREAM_LENGTH = 10**15  # "Infinite" train stream (grain datasets are indexable).
+_FIELD = "config field 'input.data' (or 'evals.<name>.data')"
+_RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
 
-def get_source(data: Mapping[str, Any]) -> Any:
+def _prepare_hint(name: str, data_dir: str | None) -> str:
+  where = f", data_dir={data_dir!r}" if data_dir else ""
+  return (f"Prepare it once (with network access) with `python -c \"import tensorflow_datasets "
+          f"as tfds; tfds.builder({name!r}{where}).download_and_prepare(file_format="
+          "'array_record')\"`.")
+
+
+def get_source(data: Mapping[str, Any]) -> Sequence[dict[str, Any]]:
   """The random-access tfds data source of `data` (builds "shapes" on first use)."""
   name, split, data_dir = data["name"], data["split"], data.get("data_dir")
-  if name == "shapes":
-    data_dir = shapes.ensure_built(data_dir)
+  dataset, _, config = name.split(":")[0].partition("/")
+  if dataset == "shapes":
+    data_dir = shapes.ensure_built(data_dir, config or "full")
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir)
-  except Exception as e:  # pylint: disable=broad-except
+    builder = tfds.builder(name, data_dir=data_dir)
+  except ValueError as e:  # Includes tfds's DatasetNotFoundError.
+    raise ValueError(f"Unknown dataset name {name!r} ({_FIELD}, field 'name'): "
+                     f"{str(e).splitlines()[0]}") from None
+  if not builder.is_prepared():
+    raise ValueError(f"Dataset {name!r} ({_FIELD}, field 'name') is not prepared in "
+                     f"{builder.data_dir}. {_prepare_hint(name, data_dir)}")
+  file_format = builder.info.file_format
+  if file_format is None or file_format.value not in _RANDOM_ACCESS_FORMATS:
     raise ValueError(
-        f"Config field 'data' (name={name!r}, split={split!r}, data_dir={data_dir!r}): the "
-        f"dataset cannot be read ({type(e).__name__}: {e}). Prepare it first, e.g. "
-        f"`tfds.builder({name!r}, data_dir=...).download_and_prepare(file_format="
-        f"'array_record')`; datasets prepared as tfrecord must be re-prepared as "
-        "array_record to be read without TensorFlow.") from e
+        f"Dataset {name!r} ({_FIELD}) is prepared in {builder.data_dir} as "
+        f"{getattr(file_format, 'value', file_format)}, which has no random access; grain needs "
+        f"array_record. Re-prepare it into another data_dir (or after deleting it): "
+        f"{_prepare_hint(name, data_dir)}")
+  try:
+    return builder.as_data_source(split=split)
+  except ValueError as e:
+    raise ValueError(f"Bad split {split!r} of dataset {name!r} ({_FIELD}, field 'split'): "
+                     f"{e}") from None
 
 
 def num_examples(data: Mapping[str, Any]) -> int:
+  """Number of examples in `data`'s split (after slicing)."""
   return len(get_source(data))
 
 
 def _check_arrays(example: dict[str, Any]) -> dict[str, np.ndarray]:
   out = {}
   for key, value in example.items():
-    array = np.asarray(value) if not isinstance(value, (list, dict)) else None
+    array = None if isinstance(value, (list, dict)) else np.asarray(value)
     if array is None or array.dtype == object or array.dtype.kind in "SU":
       raise ValueError(f"After preprocessing, example key {key!r} is not a numeric array "
                        f"({type(value).__name__}); drop it with keep(...) or drop(...) at the "
                        "end of the pp string.")
     out[key] = array
   return out
+
+
+def _stack(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Stacks examples into a batch; differing shapes raise naming the key."""
+  batch = {}
+  for key in examples[0]:
+    shapes_seen = {ex[key].shape for ex in examples}
+    if len(shapes_seen) > 1:
+      raise ValueError(f"Example key {key!r} has different shapes within a batch "
+                       f"({sorted(shapes_seen)[:4]}); make them equal in the pp string, e.g. "
+                       "with resize(...) or a crop.")
+    batch[key] = np.stack([ex[key] for ex in examples])
+  return batch
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -62,9 +99,10 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int, *,
                         seed: int, process_index: int = 0, process_count: int = 1,
                         num_threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
-  """Endless iterator of this process's share of each global batch (numpy dicts).
+  """Endless iterator of this process's rows of each global batch (dicts of numpy arrays).
 
-  It has `get_state()` / `set_state(state)` (JSON-ready dicts) for exact resume.
+  Deterministic given `seed`; `get_state()` returns a JSON-ready dict and `set_state(state)`
+  on a fresh iterator of the same arguments continues with exactly the same batches.
   """
   local = _local_batch_size(global_batch_size, process_count)
   preprocess = pp_lib.get_preprocess_fn(pp)
@@ -72,18 +110,24 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
             .random_map(lambda ex, rng: _check_arrays(preprocess(ex, rng))))
   offset = process_index * local
 
-  def element(i: int) -> dict[str, np.ndarray]:  # [local] rows of global batch i // local.
+  def element(i: int) -> dict[str, np.ndarray]:  # Row i % local of local batch i // local.
     return stream[(i // local) * global_batch_size + offset + i % local]
 
-  mine = grain.MapDataset.range(0, _STREAM_LENGTH).map(element).batch(local, drop_remainder=True)
+  rows = grain.MapDataset.range(0, _STREAM_LENGTH).map(element)
+  batches = rows.batch(local, drop_remainder=True, batch_fn=_stack)
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-  return iter(mine.to_iter_dataset(options))
+  return iter(batches.to_iter_dataset(options))
 
 
 def make_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int, *,
                        process_index: int = 0, process_count: int = 1,
                        num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
-  """One ordered pass over the split; the last batch is padded, `_mask` marks real rows."""
+  """One ordered pass over the split in batches of fixed size.
+
+  Every process yields the same number of batches; the last global batch is padded with
+  copies of the final example, and the boolean `_mask` [B] marks real rows, so each example
+  counts exactly once over all processes.
+  """
   local = _local_batch_size(global_batch_size, process_count)
   source = get_source(data)
   total = len(source)
@@ -98,6 +142,6 @@ def make_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int,
     example["_mask"] = np.asarray(index < total)
     return example
 
-  rows = grain.MapDataset.range(0, num_batches * local).map(element).batch(local)
-  return iter(rows.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
-
+  rows = grain.MapDataset.range(0, num_batches * local).map(element)
+  batches = rows.batch(local, batch_fn=_stack)
+  return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))

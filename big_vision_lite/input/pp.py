@@ -1,13 +1,18 @@
 """Preprocessing ops in the big_vision style, looked up by name in `OPS`.
 
 A pp string chains ops with "|": `decode|resize(48)|value_range(-1, 1)|onehot(10)`.
-Arguments are Python literals only (parsed with `ast`, never evaluated). Each op is a
-factory returning `fn(example: dict, rng: np.random.Generator) -> dict` working in numpy
-on one example; random ops draw from `rng`, so an example's augmentation is fixed by the
-pipeline's seed and the example's position. Images are [H, W, 3] arrays; resizing uses
-PIL (bilinear by default, with PIL's antialiasing when shrinking).
+Arguments are Python literals only (parsed with `ast`, never evaluated); `validate(pp)`
+checks a string at config time. Each op is a factory returning
+`fn(example: dict, rng: np.random.Generator) -> dict` working in numpy on one example;
+random ops draw from `rng`, so an example's augmentation is fixed by the pipeline's seed
+and the example's position. Image ops take `key="image"`; images are [H, W, 3] arrays.
+
+Resizing uses PIL: uint8 images as one RGB image, other dtypes channel by channel in
+float32. Its bilinear/bicubic/area/lanczos filters widen with the downscaling factor, so
+shrinking is antialiased (like `tf.image.resize(..., antialias=True)`); "nearest" is not.
 """
 import ast
+import inspect
 import io
 from typing import Any, Callable, Sequence
 
@@ -19,46 +24,78 @@ from big_vision_lite.registry import Registry
 OPS = Registry("pp op")
 Example = dict[str, Any]
 OpFn = Callable[[Example, np.random.Generator], Example]
-RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+            "area": Image.BOX, "lanczos": Image.LANCZOS}
+
+
+def _split(pp: str) -> list[str]:
+  """Splits `pp` at the "|" that are outside brackets and string literals."""
+  parts, depth, quote, start = [], 0, None, 0
+  for i, char in enumerate(pp):
+    if quote:
+      quote = None if char == quote and pp[i - 1] != "\\" else quote
+    elif char in "'\"":
+      quote = char
+    elif char in "([{":
+      depth += 1
+    elif char in ")]}":
+      depth -= 1
+    elif char == "|" and depth == 0:
+      parts.append(pp[start:i])
+      start = i + 1
+  parts.append(pp[start:])
+  return [part.strip() for part in parts]
 
 
 def _parse_op(text: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+  """Parses one op, `name` or `name(literal, ..., key=literal)`, to (name, args, kwargs)."""
+  form = f"pp op {text!r} is not of the form name or name(arg, ..., key=value)."
   try:
-    node = ast.parse(text.strip(), mode="eval").body
-  except SyntaxError:
-    raise ValueError(f"pp op {text!r} is not of the form name(arg, key=value).") from None
+    node = ast.parse(text, mode="eval").body
+  except (SyntaxError, ValueError):
+    raise ValueError(form) from None
   if isinstance(node, ast.Name):
     return node.id, (), {}
-  if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
-    raise ValueError(f"pp op {text!r} is not of the form name(arg, key=value).")
+  if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or any(
+      k.arg is None for k in node.keywords):
+    raise ValueError(form)
   try:
     args = tuple(ast.literal_eval(a) for a in node.args)
     kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-  except ValueError:
-    raise ValueError(f"pp op {text!r}: arguments must be Python literals.") from None
+  except (ValueError, TypeError, SyntaxError, RecursionError):
+    raise ValueError(f"pp op {text!r}: arguments must be Python literals "
+                     "(numbers, strings, tuples, lists, dicts, None, True, False).") from None
   return node.func.id, args, kwargs
 
 
 def _parse(pp: str) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
-  ops = [_parse_op(part) for part in pp.split("|") if part.strip()]
-  for name, _, _ in ops:
-    OPS.get(name)
+  """Parses `pp` and checks op names and arguments against the op signatures."""
+  if not pp.strip():
+    return []
+  ops = []
+  for text in _split(pp):
+    if not text:
+      raise ValueError(f"pp string {pp!r} has an empty op (two '|' in a row, or one at an end).")
+    name, args, kwargs = _parse_op(text)
+    factory = OPS.get(name)
+    try:
+      inspect.signature(factory).bind(*args, **kwargs)
+    except TypeError as e:
+      raise ValueError(f"pp op {text!r}: bad arguments for {name}{inspect.signature(factory)} "
+                       f"({e}).") from None
+    ops.append((name, args, kwargs))
   return ops
 
 
 def validate(pp: str) -> None:
-  """Checks that `pp` parses and names known ops (ValueError listing them otherwise)."""
+  """Checks that `pp` parses, names known ops (ValueError listing them otherwise) and gives
+  them arguments their signatures accept; runs nothing."""
   _parse(pp)
 
 
 def get_preprocess_fn(pp: str) -> OpFn:
-  """Composes the ops of `pp` into one `fn(example, rng) -> example`."""
-  fns = []
-  for name, args, kwargs in _parse(pp):
-    try:
-      fns.append(OPS.get(name)(*args, **kwargs))
-    except TypeError as e:
-      raise ValueError(f"pp op {name!r}: bad arguments {args} {kwargs} ({e}).") from None
+  """Composes the ops of `pp` into one `fn(example, rng) -> example` (input not mutated)."""
+  fns = [OPS.get(name)(*args, **kwargs) for name, args, kwargs in _parse(pp)]
 
   def preprocess(example: Example, rng: np.random.Generator) -> Example:
     example = dict(example)
@@ -72,9 +109,14 @@ def _hw(size: int | Sequence[int]) -> tuple[int, int]:
   return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _resize(image: np.ndarray, h: int, w: int, method: str) -> np.ndarray:
+def _check_method(method: str) -> str:
   if method not in RESAMPLE:
-    raise ValueError(f"resize method must be one of {', '.join(RESAMPLE)}, got {method!r}.")
+    raise ValueError(f"pp resize method must be one of {', '.join(RESAMPLE)}; got {method!r}.")
+  return method
+
+
+def _resize(image: np.ndarray, h: int, w: int, method: str) -> np.ndarray:
+  """PIL resize of [H, W, C] uint8 (as one image) or float (channel by channel)."""
   if image.shape[:2] == (h, w):
     return image
   if image.dtype == np.uint8:
@@ -112,6 +154,7 @@ def decode(key: str = "image") -> OpFn:
 def resize(size: int | Sequence[int], key: str = "image", method: str = "bilinear") -> OpFn:
   """Resizes to `size` (int: square) ignoring the aspect ratio."""
   h, w = _hw(size)
+  _check_method(method)
   def fn(example, rng):
     del rng
     return dict(example, **{key: _resize(_check_image(example[key], key), h, w, method)})
@@ -121,6 +164,7 @@ def resize(size: int | Sequence[int], key: str = "image", method: str = "bilinea
 @OPS.register("resize_small")
 def resize_small(size: int, key: str = "image", method: str = "bilinear") -> OpFn:
   """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
+  _check_method(method)
   def fn(example, rng):
     del rng
     image = _check_image(example[key], key)
@@ -168,6 +212,7 @@ def inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
                    area_max: float = 100, key: str = "image",
                    method: str = "bilinear") -> OpFn:
   """Random crop of area_min..area_max % of the image with aspect 3/4..4/3, resized."""
+  _check_method(method)
   def fn(example, rng):
     image = _check_image(example[key], key)
     height, width = image.shape[:2]

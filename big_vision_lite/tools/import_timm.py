@@ -1,4 +1,4 @@
-"""Converts timm checkpoints to big_vision_lite parameters (no torch needed).
+r"""Converts timm checkpoints to big_vision_lite parameters (no torch needed).
 
     python -m big_vision_lite.tools.import_timm --name vit_small_patch16_224 \
         --weights model.safetensors --workdir DIR
@@ -157,15 +157,21 @@ CONVERTERS: dict[str, tuple[Converter, str]] = {
 }
 
 
-def convert(timm_name: str, state_dict: Mapping[str, np.ndarray]
-            ) -> tuple[str, dict[str, Any], dict[str, Any]]:
-  """timm name + state dict -> (model_name, model_kwargs, {"params": numpy tree})."""
+def find_converter(timm_name: str) -> tuple[str, Converter, str]:
+  """(name without a hub prefix, converter, family description); ValueError if unsupported."""
   name = timm_name.removeprefix("hf-hub:").removeprefix("timm/")
   prefixes = sorted((p for p in CONVERTERS if name.startswith(p)), key=len, reverse=True)
   if not prefixes:
     supported = "; ".join(f"{p}* ({family})" for p, (_, family) in CONVERTERS.items())
     raise ValueError(f"Unsupported timm model name {timm_name!r}; supported: {supported}.")
   converter, family = CONVERTERS[prefixes[0]]
+  return name, converter, family
+
+
+def convert(timm_name: str, state_dict: Mapping[str, np.ndarray]
+            ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """timm name + state dict -> (model_name, model_kwargs, {"params": numpy tree})."""
+  name, converter, family = find_converter(timm_name)
   return converter(name, StateDict(state_dict, name, family))
 
 
@@ -196,6 +202,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   args = flags.FLAGS
+  find_converter(args.name)  # An unsupported name fails before the weights are read.
   model_name, kwargs, variables = convert(args.name, read_state_dict(args.weights))
   write_checkpoint(args.workdir, model_name, kwargs, variables)
   print(f"Wrote {model_name} {kwargs} to {os.path.abspath(args.workdir)}")
