@@ -240,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   restored = checkpointer.restore_latest(abstract_state)
   if restored is not None:
     state, data_state, step = restored
-    train_iter.set_state(data_state[f"process_{jax.process_index()}"])
+    train_iter.set_state(data_state["train_iterator"])
     logging.info("Resumed from %s at step %d.", checkpointer.directory, step)
   else:
     state = training.init(jax.random.key(seed))
@@ -266,8 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       total_steps, start_step + stop_after_steps)
 
   def save(step: int) -> None:
-    positions = {f"process_{jax.process_index()}": train_iter.get_state()}
-    checkpointer.save(step, state, positions)
+    # Every process has read the same number of local batches, so process 0's position
+    # (the one orbax's JSON writer stores) is every process's position.
+    checkpointer.save(step, state, {"train_iterator": train_iter.get_state()})
 
   def run_evals(step: int, final: bool) -> None:
     for name, runner in eval_runners.items():
