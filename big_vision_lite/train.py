@@ -245,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     state = training.init(jax.random.key(seed))
     if config.get("init_from"):
-      state = _init_from(config, model, state, state_shardings)
+      state = _init_from(config, state, state_shardings)
   start_step = int(jax.device_get(state["step"]))
   if jax.process_index() == 0 and start_step == 0:
     parameter_overview.log_parameter_overview(state["params"])
@@ -315,11 +315,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return last_metrics
 
 
-def _init_from(config: ml_collections.ConfigDict, model: Any, state: dict[str, Any],
+def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
                state_shardings: dict[str, Any]) -> dict[str, Any]:
   """Replaces the fresh params by those of another run or an imported checkpoint."""
   path = config.init_from
-  name, kwargs = checkpointing.read_run_model(path)
+  name, _ = checkpointing.read_run_model(path)
   if name is not None and name != config.model_name:
     raise ValueError(f"Config field 'init_from': {path} holds model_name={name!r}, the config "
                      f"asks for {config.model_name!r}.")
