@@ -4,6 +4,7 @@ Configs are Python files with `get_config(arg=None) -> ConfigDict`. The argument
 (`configs/vit.py:variant=S/16,batch_size=64`) is parsed by `parse_arg` against typed
 defaults; `validate` checks every name and field type so mistakes fail before compilation.
 """
+import os
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -98,6 +99,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_type(config, field, (int, float))
   for field in ("init_from", "compute_dtype"):
     _check_type(config, field, (str,))
+  if config.get("init_from") and not os.path.isdir(config.init_from):
+    raise ValueError(f"Config field 'init_from': {config.init_from} is not a directory.")
   if config.get("compute_dtype") not in (None, "float32", "bfloat16"):
     raise ValueError(f"Config field 'compute_dtype' must be 'float32' or 'bfloat16', got "
                      f"{config.compute_dtype!r}.")

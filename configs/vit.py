@@ -53,8 +53,10 @@ def get_config(arg: str | None = None):
   config.log_training_steps = 50
   config.ckpt_steps = 200
   config.keep_ckpt = 2
-  config.mesh = [("data", -1)]
-  config.sharding_rules = [(".*", "replicate")]
+  config.init_from = ""  # A run or import dir to start from (`tools/import_timm.py`).
+  config.init_skip = ()  # Regexes of params kept fresh, e.g. ("head/.*",) for a new head.
+  config.mesh = (("data", -1),)
+  config.sharding_rules = ((".*", "replicate"),)
 
   config.evals = dict(val=dict(
       type="classification", log_steps=200, batch_size=256,
