@@ -13,13 +13,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from big_vision_lite import config_lib
 from big_vision_lite import models
 from big_vision_lite import sharding
 from big_vision_lite import tasks
+from big_vision_lite import utils
 from big_vision_lite import train
 from big_vision_lite.input import data as data_lib
 
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
   peak_per_device = measure_matmul_peak(flags.FLAGS.matmul_size, dtype)
   devices = mesh.devices.size
   achieved = flops_per_step / seconds_per_step
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  num_params = utils.count_params(state["params"])
   rows = [
       ("model", f"{config.model_name} {dict(config.model)}"),
       ("params", f"{num_params / 1e6:.2f} M"),

@@ -29,6 +29,7 @@ from big_vision_lite import models
 from big_vision_lite import optimizer as optimizer_lib
 from big_vision_lite import sharding
 from big_vision_lite import tasks
+from big_vision_lite import utils
 from big_vision_lite.input import data as data_lib
 
 config_flags.DEFINE_config_file("config", None, "Config file (with optional :args).",
@@ -249,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(jax.device_get(state["step"]))
   if jax.process_index() == 0 and start_step == 0:
     parameter_overview.log_parameter_overview(state["params"])
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    num_params = utils.count_params(state["params"])
     writer.write_scalars(0, {"num_params": num_params})
 
   train_step = training.step

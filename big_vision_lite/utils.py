@@ -2,6 +2,7 @@
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 
 def path_name(path: tuple[Any, ...]) -> str:
@@ -26,3 +27,8 @@ def flatten_names(tree: Any) -> dict[str, Any]:
   """Returns {name: leaf} for every leaf of `tree`."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {path_name(p): x for p, x in leaves}
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in all leaves of `tree` (arrays or ShapeDtypeStructs)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
