@@ -13,6 +13,7 @@ from big_vision_lite import evaluators
 from big_vision_lite import models
 from big_vision_lite import optimizer
 from big_vision_lite import tasks
+from big_vision_lite.input import packing as packing_lib
 from big_vision_lite.input import pp as pp_lib
 
 
@@ -108,6 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_type(config, "input.pp", (str,), required=True)
   _check_data(config.input.get("data"), "input.data")
   pp_lib.validate(config.input.pp)
+  if config.input.get("packing"):
+    packing_lib.validate(config.input.packing, "input.packing")
   if config.get("grad_accum_steps") and config.input.batch_size % config.grad_accum_steps:
     raise ValueError(f"Config field 'input.batch_size' ({config.input.batch_size}) must be "
                      f"divisible by 'grad_accum_steps' ({config.grad_accum_steps}).")
@@ -116,7 +119,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, ev in (config.get("evals") or {}).items():
     field = f"evals.{name}"
     _check_type(ev, "type", (str,), required=True)
-    evaluators.REGISTRY.get(ev.type, field=f"{field}.type")
+    evaluator = evaluators.REGISTRY.get(ev.type, field=f"{field}.type")
+    if hasattr(evaluator, "validate_config"):
+      evaluator.validate_config(ev, field)
     _check_data(ev.get("data"), f"{field}.data")
     if not isinstance(ev.get("pp"), str):
       raise ValueError(f"Config field '{field}.pp' must be a pp string.")

@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config.input.data, config.input.pp, batch_size, seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=config.input.get("num_threads", 2),
-      prefetch=config.input.get("prefetch", 2))
+      prefetch=config.input.get("prefetch", 2), packing=config.input.get("packing"))
   batch_spec = peek_batch_spec(train_iter, batch_size)
 
   training = build_training(config, task, mesh, batch_spec)

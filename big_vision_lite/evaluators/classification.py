@@ -1,20 +1,44 @@
-"""Classification evaluator: top-1 / top-5 accuracy and loss over a whole split.
+"""Classification evaluators: top-1 / top-5 accuracy and loss over a whole split.
 
-Each example counts exactly once: the eval iterator pads the last batch and marks real
-examples in `_mask`. Labels come from `labels` (one-/multi-hot: a prediction is correct
-when its class has a positive label) or an int `label`.
+"classification": one image per row. Each example counts exactly once: the eval iterator
+pads the last batch and marks real examples in `_mask`. Labels come from `labels`
+(one-/multi-hot: a prediction is correct when its class has a positive label) or an int
+`label`.
+"packed_classification": images packed NaViT-style (eval field `packing`: seq_len,
+patch_size, max_images), at the resolution the eval's pp leaves them (native without a
+resize, or any fixed size with `resize(...)`); real images are the slots in `label_mask`.
 """
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from big_vision_lite import sharding
 from big_vision_lite.evaluators import REGISTRY
 from big_vision_lite.input import data as data_lib
+from big_vision_lite.input import packing as packing_lib
+
+
+def count_hits(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """Sums of top-1 / top-5 hits, loss and count over rows where `mask` [N] is set.
+
+  logits [N, C]; labels [N, C] (one-/multi-hot) or int [N].
+  """
+  num_classes = logits.shape[-1]
+  if labels.ndim == 1:
+    labels = jax.nn.one_hot(labels, num_classes)
+  labels = labels.astype(jnp.float32)  # [N, C]
+  mask = mask.astype(jnp.float32)  # [N]
+  top5 = jax.lax.top_k(logits, min(5, num_classes))[1]  # [N, 5]
+  hits = jnp.take_along_axis(labels, top5, axis=-1) > 0  # [N, 5]
+  loss = optax.softmax_cross_entropy(logits, labels / jnp.maximum(
+      labels.sum(-1, keepdims=True), 1e-9))
+  return {"top1": (hits[:, 0] * mask).sum(), "top5": (hits.any(-1) * mask).sum(),
+          "loss": (loss * mask).sum(), "count": mask.sum()}
 
 
 @REGISTRY.register("classification")
@@ -31,31 +55,45 @@ class ClassificationEvaluator:
 
   def _counts(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, Any]:
     logits = self.task.predict(variables, batch)  # [B, C]
-    num_classes = logits.shape[-1]
-    if "labels" in batch:
-      labels = batch["labels"].astype(jnp.float32)  # [B, C]
-    elif "label" in batch:
-      labels = jax.nn.one_hot(batch["label"], num_classes)
-    else:
-      raise ValueError("The classification evaluator needs batch key 'labels' or 'label'; "
-                       f"got {sorted(batch)} (check field 'pp' of this eval).")
-    mask = batch["_mask"].astype(jnp.float32)  # [B]
-    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]  # [B, 5]
-    hits = jnp.take_along_axis(labels, top5, axis=-1) > 0  # [B, 5]
-    loss = optax.softmax_cross_entropy(logits, labels / jnp.maximum(
-        labels.sum(-1, keepdims=True), 1e-9))
-    return {"top1": (hits[:, 0] * mask).sum(), "top5": (hits.any(-1) * mask).sum(),
-            "loss": (loss * mask).sum(), "count": mask.sum()}
+    for key in ("labels", "label"):
+      if key in batch:
+        return count_hits(logits, batch[key], batch["_mask"])
+    raise ValueError("The classification evaluator needs batch key 'labels' or 'label'; "
+                     f"got {sorted(batch)} (check field 'pp' of this eval).")
+
+  def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+    return data_lib.make_eval_iterator(
+        self.config.data, self.config.pp, self.config.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
 
   def run(self, variables: dict[str, Any]) -> dict[str, float]:
     totals: dict[str, float] = {}
-    batches = data_lib.make_eval_iterator(
-        self.config.data, self.config.pp, self.config.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    for local_batch in batches:
+    for local_batch in self._batches():
       counts = jax.device_get(self._step(variables, sharding.global_batch(local_batch,
                                                                           self.mesh)))
       for k, v in counts.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.pop("count", 0.0), 1.0)
     return {k: v / count for k, v in totals.items()}
+
+
+@REGISTRY.register("packed_classification")
+class PackedClassificationEvaluator(ClassificationEvaluator):
+  """Accuracy of per-image logits [B, S, C] over the image slots of packed batches."""
+
+  @classmethod
+  def validate_config(cls, eval_config: ml_collections.ConfigDict, field: str) -> None:
+    if not eval_config.get("packing"):
+      raise ValueError(f"Config field '{field}.packing' (seq_len, patch_size, max_images) is "
+                       "required by the packed_classification evaluator.")
+    packing_lib.validate(eval_config.packing, f"{field}.packing")
+
+  def _counts(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, Any]:
+    logits = self.task.predict(variables, batch)  # [B, S, C]
+    return count_hits(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                      batch["label_mask"].reshape(-1))
+
+  def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+    return data_lib.make_packed_eval_iterator(
+        self.config.data, self.config.pp, self.config.batch_size, self.config.packing,
+        process_index=jax.process_index(), process_count=jax.process_count())

@@ -13,9 +13,12 @@ JSON dicts ({"next_index": n}, the number of local batches read).
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
+from big_vision_lite.input import packing as packing_lib
 from big_vision_lite.input import pp as pp_lib
 from big_vision_lite.input import shapes
 
@@ -98,13 +101,20 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int, *,
                         seed: int, process_index: int = 0, process_count: int = 1,
-                        num_threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
+                        num_threads: int = 2, prefetch: int = 2,
+                        packing: Mapping[str, Any] | None = None) -> Any:
   """Endless iterator of this process's rows of each global batch (dicts of numpy arrays).
 
   Deterministic given `seed`; `get_state()` returns a JSON-ready dict and `set_state(state)`
   on a fresh iterator of the same arguments continues with exactly the same batches.
+  With `packing` (see `packing.py`), rows are packed sequences of several images; each
+  process then packs its own share of the image stream.
   """
   local = _local_batch_size(global_batch_size, process_count)
+  if packing:
+    return packing_lib.PackedTrainIterator(
+        get_source(data), pp, local, packing, seed=seed, process_index=process_index,
+        process_count=process_count, num_threads=num_threads, prefetch=prefetch)
   preprocess = pp_lib.get_preprocess_fn(pp)
   stream = (grain.MapDataset.source(get_source(data)).seed(seed).shuffle().repeat(None)
             .random_map(lambda ex, rng: _check_arrays(preprocess(ex, rng))))
@@ -145,3 +155,40 @@ def make_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int,
   rows = grain.MapDataset.range(0, num_batches * local).map(element)
   batches = rows.batch(local, batch_fn=_stack)
   return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
+
+
+def make_packed_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int,
+                              packing: Mapping[str, Any], *, process_index: int = 0,
+                              process_count: int = 1,
+                              num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over the split, packed without dropping at the pp's resolution.
+
+  Process p packs examples p, p + P, ...; every process yields the same number of batches
+  (a process that has run out yields rows of padding, whose `label_mask` is all False), so
+  each example counts exactly once.
+  """
+  local = _local_batch_size(global_batch_size, process_count)
+  source = get_source(data)
+  preprocess = pp_lib.get_preprocess_fn(pp)
+  indices = range(process_index, len(source), process_count)
+  examples = grain.MapDataset.source(indices).map(
+      lambda i: preprocess(source[i], np.random.default_rng(i)))
+  rows = packing_lib.pack(
+      iter(examples.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))),
+      seq_len=packing["seq_len"], patch_size=packing["patch_size"],
+      max_images=packing["max_images"], buffer_size=packing.get("buffer_size", 32))
+  template = None
+  while True:
+    batch = [row for _, row in zip(range(local), rows)]
+    template = template or (batch[0] if batch else None)
+    has_rows = bool(batch)
+    if process_count > 1:
+      has_rows = bool(np.any(multihost_utils.process_allgather(np.int32(has_rows))))
+    if not has_rows:
+      return
+    if template is None:
+      raise ValueError(f"Process {jax.process_index()} got no examples of {data['name']!r} "
+                       f"split {data['split']!r} to evaluate; use a split with at least "
+                       f"{process_count} examples.")
+    batch += [packing_lib.empty_row(template)] * (local - len(batch))
+    yield packing_lib.stack(batch)

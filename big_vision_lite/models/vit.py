@@ -3,7 +3,9 @@
 `Model(num_classes=10, variant="S/16").apply(variables, images)` -> (logits, aux), images
 NHWC float32. The encoder pieces (`MultiHeadAttention`, `MlpBlock`, `Encoder1DBlock`,
 `Encoder`, `MAPHead`) take an optional boolean attention mask, broadcastable to
-[B, heads, Nq, Nk], so packed (NaViT) and memory-token models reuse them.
+[B, heads, Nq, Nk], or (self-attention) `segment_ids` [B, N] that keep each token within
+its segment through a fused kernel (`kernels.packed_attention`), so packed (NaViT) and
+memory-token models reuse them.
 """
 from typing import Any, Mapping, Sequence
 
@@ -11,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kernels import packed_attention
 
 # size: (width, depth, mlp_dim, num_heads)
 SIZES = {
@@ -101,11 +105,19 @@ class MultiHeadAttention(nn.Module):
   """
   num_heads: int
   dtype_mm: str = "float32"
+  attention_impl: str = "auto"  # For segment_ids: see kernels.packed_attention.
 
   @nn.compact
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None,
-               return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
-    """x [B, Nq, D], kv [B, Nk, D] (default x) -> ([B, Nq, D], [B, heads, Nq, Nk] or None)."""
+               return_attention: bool = False, segment_ids: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """x [B, Nq, D], kv [B, Nk, D] (default x) -> ([B, Nq, D], [B, heads, Nq, Nk] or None).
+
+    `segment_ids` [B, N] (self-attention only, not with `mask`): a token attends only to
+    tokens with the same id.
+    """
+    if segment_ids is not None and (kv is not None or mask is not None):
+      raise ValueError("segment_ids is for self-attention without another mask.")
     kv = x if kv is None else kv
     width = x.shape[-1]
     if width % self.num_heads:
@@ -116,10 +128,14 @@ class MultiHeadAttention(nn.Module):
     q = dense("query")(x)  # [B, Nq, H, Dh]
     k = dense("key")(kv)  # [B, Nk, H, Dh]
     v = dense("value")(kv)  # [B, Nk, H, Dh]
+    if segment_ids is not None and return_attention:
+      mask = packed_attention.segment_mask(segment_ids)
     if mask is not None:
       mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
     weights = None
-    if return_attention:
+    if segment_ids is not None and not return_attention:
+      out = packed_attention.segment_attention(q, k, v, segment_ids, impl=self.attention_impl)
+    elif return_attention:
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, Nq, Nk]
       logits = logits / np.sqrt(q.shape[-1])
       if mask is not None:
@@ -160,10 +176,12 @@ class Encoder1DBlock(nn.Module):
   gelu_approximate: bool = True
   layernorm_eps: float = 1e-6
   dtype_mm: str = "float32"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
-               return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
+               return_attention: bool = False, segment_ids: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
     """x [B, N, D] -> ([B, N, D], attention [B, heads, N, N] or None)."""
     def residual(x, y):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -172,9 +190,10 @@ class Encoder1DBlock(nn.Module):
       return x + y
 
     y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
-    y, weights = MultiHeadAttention(self.num_heads, self.dtype_mm,
+    y, weights = MultiHeadAttention(self.num_heads, self.dtype_mm, self.attention_impl,
                                     name="MultiHeadDotProductAttention_0")(
-                                        y, mask=mask, return_attention=return_attention)
+                                        y, mask=mask, return_attention=return_attention,
+                                        segment_ids=segment_ids)
     x = residual(x, y)
     y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype_mm)(y, train)
@@ -193,10 +212,12 @@ class Encoder(nn.Module):
   layernorm_eps: float = 1e-6
   dtype_mm: str = "float32"
   final_norm: bool = True
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
-               return_attention: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+               return_attention: bool = False, segment_ids: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, Any]]:
     """x [B, N, D] -> ([B, N, D], aux with "block{i:02d}" and, on request, "attention")."""
     aux: dict[str, Any] = {}
     maps = []
@@ -204,8 +225,8 @@ class Encoder(nn.Module):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x, weights = Encoder1DBlock(
           self.mlp_dim, self.num_heads, self.dropout, rate, self.gelu_approximate,
-          self.layernorm_eps, self.dtype_mm, name=f"encoderblock_{i}")(
-              x, mask, train, return_attention)
+          self.layernorm_eps, self.dtype_mm, self.attention_impl, name=f"encoderblock_{i}")(
+              x, mask, train, return_attention, segment_ids)
       aux[f"block{i:02d}"] = x
       maps.append(weights)
     if return_attention:
@@ -224,17 +245,22 @@ class MAPHead(nn.Module):
   dtype_mm: str = "float32"
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x [B, N, D], mask broadcastable to [B, heads, 1, N] -> [B, D]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               num_queries: int | None = None) -> jax.Array:
+    """x [B, N, D], mask broadcastable to [B, heads, Q, N] -> [B, D].
+
+    With `num_queries` = Q, the probe is repeated Q times (each copy with its row of
+    `mask`, e.g. one per packed image) and the result is [B, Q, D].
+    """
     b, _, width = x.shape
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), jnp.float32)
-    probe = jnp.tile(probe, (b, 1, 1)).astype(x.dtype)  # [B, 1, D]
+    probe = jnp.tile(probe, (b, num_queries or 1, 1)).astype(x.dtype)  # [B, Q, D]
     y, _ = MultiHeadAttention(self.num_heads, self.dtype_mm,
                               name="MultiHeadDotProductAttention_0")(probe, x, mask=mask)
     z = nn.LayerNorm(epsilon=self.layernorm_eps)(y)
     y = y + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate,
-                     dtype_mm=self.dtype_mm)(z)  # [B, 1, D]
-    return y[:, 0]
+                     dtype_mm=self.dtype_mm)(z)  # [B, Q, D]
+    return y if num_queries else y[:, 0]
 
 
 class Model(nn.Module):

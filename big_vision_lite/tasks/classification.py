@@ -23,18 +23,33 @@ def _require(batch: dict[str, Any], key: str) -> None:
                      f"key_result=\"{key}\")` to config field 'input.pp'.")
 
 
+def validate_loss(config: ml_collections.ConfigDict) -> None:
+  loss = config.get("loss", "softmax_xent")
+  if loss not in LOSSES:
+    raise ValueError(f"Config field 'loss' must be one of {', '.join(LOSSES)}, got {loss!r}.")
+  if not config.get("model", {}).get("num_classes"):
+    raise ValueError(f"Config field 'model.num_classes' must be set (> 0) for the "
+                     f"{config.task} task.")
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array, kind: str | None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """logits, labels [..., C] -> (loss [...], top-1 correct [...]); kind as config 'loss'."""
+  if (kind or "softmax_xent") == "softmax_xent":
+    loss = optax.softmax_cross_entropy(logits, labels)
+  else:
+    loss = optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+  correct = jnp.take_along_axis(labels, logits.argmax(-1)[..., None], axis=-1)[..., 0] > 0
+  return loss, correct
+
+
 @REGISTRY.register("classification")
 class Classification(Task):
   """Image -> logits, trained with cross-entropy against `labels`."""
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
-    loss = config.get("loss", "softmax_xent")
-    if loss not in LOSSES:
-      raise ValueError(f"Config field 'loss' must be one of {', '.join(LOSSES)}, got {loss!r}.")
-    if not config.get("model", {}).get("num_classes"):
-      raise ValueError("Config field 'model.num_classes' must be set (> 0) for the "
-                       "classification task.")
+    validate_loss(config)
 
   def loss(self, params: Any, extra: dict[str, Any], batch: dict[str, jax.Array],
            rng: jax.Array) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, Any]]]:
@@ -42,12 +57,8 @@ class Classification(Task):
     logits, _, new_extra = self.apply(params, extra, batch["image"], rng, train=True)
     logits = logits.astype(jnp.float32)  # [B, C]
     labels = batch["labels"].astype(jnp.float32)  # [B, C]
-    if self.config.get("loss", "softmax_xent") == "softmax_xent":
-      per_example = optax.softmax_cross_entropy(logits, labels)
-    else:
-      per_example = optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+    per_example, correct = per_example_loss(logits, labels, self.config.get("loss"))
     loss = per_example.mean()
-    correct = jnp.take_along_axis(labels, logits.argmax(-1)[:, None], axis=-1)[:, 0] > 0
     return loss, ({"loss": loss, "accuracy": correct.mean()}, new_extra)
 
   def predict(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:

@@ -1,0 +1,79 @@
+"""Segment-masked (packed) self-attention: a token attends only to tokens of its segment.
+
+`segment_attention(q, k, v, segment_ids, impl="auto")` with q, k, v [B, L, H, Dh] and
+segment_ids [B, L] int (0 = padding, which attends only to padding):
+
+  "reference"  `jax.nn.dot_product_attention` with a boolean [B, 1, L, L] mask built from the
+               ids and broadcast over heads (XLA fuses it on GPU; on CPU it is materialised).
+  "pallas"     the flash-attention kernels that ship with JAX, which take segment ids and
+               never build an L x L mask: `pallas.ops.gpu.attention.mha` on GPU (Triton) and
+               `pallas.ops.tpu.flash_attention` on TPU. L must be a multiple of 128 (or
+               smaller than 128, as one block) and Dh a multiple of 16.
+  "interpret"  the GPU Pallas kernel in interpret mode (tests on CPU).
+  "auto"       "pallas" on GPU/TPU where the shapes allow it, the reference elsewhere.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+from jax.experimental.pallas.ops.tpu import flash_attention as tpu_attention
+
+IMPLS = ("auto", "reference", "pallas", "interpret")
+_BLOCK = 128
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids [B, L] -> boolean [B, 1, L, L], True where query and key share a segment."""
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """Pure-JAX segment-masked attention; q, k, v [B, L, H, Dh] -> [B, L, H, Dh]."""
+  return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids))
+
+
+def _pallas_shapes_ok(q: jax.Array) -> bool:
+  length, head_dim = q.shape[1], q.shape[3]
+  return (length % _BLOCK == 0 or length < _BLOCK) and head_dim % 16 == 0 and length >= 16
+
+
+def _pallas_gpu(q, k, v, segment_ids, interpret: bool = False):
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  return gpu_attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale,
+                           interpret=interpret)
+
+
+def _pallas_tpu(q, k, v, segment_ids):
+  ids = segment_ids.astype(jnp.int32)
+  to_bhld = lambda x: x.transpose(0, 2, 1, 3)
+  out = tpu_attention.flash_attention(
+      to_bhld(q), to_bhld(k), to_bhld(v), segment_ids=tpu_attention.SegmentIds(q=ids, kv=ids),
+      sm_scale=1.0 / np.sqrt(q.shape[-1]))
+  return to_bhld(out)
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                      impl: str = "auto") -> jax.Array:
+  """Attention of q over k, v [B, L, H, Dh] within segments of `segment_ids` [B, L]."""
+  if impl not in IMPLS:
+    raise ValueError(f"segment_attention impl must be one of {', '.join(IMPLS)}; got {impl!r}.")
+  if q.shape != k.shape or q.shape != v.shape or segment_ids.shape != q.shape[:2]:
+    raise ValueError(f"segment_attention needs q, k, v of one shape [B, L, H, Dh] and "
+                     f"segment_ids [B, L]; got {q.shape}, {k.shape}, {v.shape}, "
+                     f"{segment_ids.shape}.")
+  backend = jax.default_backend()
+  if impl == "auto":
+    impl = "pallas" if backend in ("gpu", "tpu") and _pallas_shapes_ok(q) else "reference"
+  if impl == "reference":
+    return reference(q, k, v, segment_ids)
+  if not _pallas_shapes_ok(q):
+    raise ValueError(f"The Pallas attention needs L a multiple of {_BLOCK} (or < {_BLOCK}) and "
+                     f"head dim a multiple of 16; got L={q.shape[1]}, head dim {q.shape[3]}.")
+  if impl == "interpret":
+    return _pallas_gpu(q, k, v, segment_ids, interpret=True)
+  if backend == "tpu":
+    return _pallas_tpu(q, k, v, segment_ids)
+  if backend == "gpu":
+    return _pallas_gpu(q, k, v, segment_ids)
+  raise ValueError(f"impl='pallas' needs a GPU or TPU backend; this one is {backend!r} "
+                   "(use 'reference', 'auto' or, for tests, 'interpret').")
