@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   restored = checkpointer.restore_latest(abstract_state)
   if restored is not None:
     state, data_state, step = restored
-    train_iter.set_state(data_state["train_iterator"])
+    train_iter.set_state(data_lib.select_iterator_state(data_state))
     logging.info("Resumed from %s at step %d.", checkpointer.directory, step)
   else:
     state = training.init(jax.random.key(seed))
@@ -267,9 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       total_steps, start_step + stop_after_steps)
 
   def save(step: int) -> None:
-    # Every process has read the same number of local batches, so process 0's position
-    # (the one orbax's JSON writer stores) is every process's position.
-    checkpointer.save(step, state, {"train_iterator": train_iter.get_state()})
+    # orbax's JSON writer stores process 0's copy: it holds every process's position.
+    checkpointer.save(step, state, data_lib.gather_iterator_states(train_iter.get_state()))
 
   def run_evals(step: int, final: bool) -> None:
     for name, runner in eval_runners.items():

@@ -204,5 +204,6 @@ def test_non_finite_loss_stops_with_step_and_metric(tmp_path):
   config = tiny_config(total_steps=6, lr=1e30, grad_clip_norm=None)
   config.optax_name = "sgd"
   config.optax = {}
-  with pytest.raises(train.NonFiniteError, match=r"Training metric '[a-z_/]+' is (nan|inf) at step \d+"):
+  message = r"Training metric '[a-z_/]+' is (nan|inf) at step \d+"
+  with pytest.raises(train.NonFiniteError, match=message):
     train.train_and_evaluate(config, str(tmp_path))

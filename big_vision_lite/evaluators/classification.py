@@ -6,7 +6,8 @@ pads the last batch and marks real examples in `_mask`. Labels come from `labels
 `label`.
 "packed_classification": images packed NaViT-style (eval field `packing`: seq_len,
 patch_size, max_images), at the resolution the eval's pp leaves them (native without a
-resize, or any fixed size with `resize(...)`); real images are the slots in `label_mask`.
+resize, or any fixed size with `resize(...)`; images of more than seq_len tokens are
+scaled down to fit); real images are the slots in `label_mask`.
 """
 from typing import Any, Iterator
 

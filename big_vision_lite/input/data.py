@@ -10,6 +10,7 @@ position), cut into global batches; process p reads rows [p·B/P, (p+1)·B/P) of
 batch, so a global batch is the same whatever the number of processes. Iterator states are
 JSON dicts ({"next_index": n}, the number of local batches read).
 """
+import json
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -163,6 +164,8 @@ def make_packed_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_siz
                               num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over the split, packed without dropping at the pp's resolution.
 
+  Images of more than `seq_len` tokens are scaled down to fit (aspect ratio kept).
+
   Process p packs examples p, p + P, ...; every process yields the same number of batches
   (a process that has run out yields rows of padding, whose `label_mask` is all False), so
   each example counts exactly once.
@@ -176,7 +179,8 @@ def make_packed_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_siz
   rows = packing_lib.pack(
       iter(examples.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))),
       seq_len=packing["seq_len"], patch_size=packing["patch_size"],
-      max_images=packing["max_images"], buffer_size=packing.get("buffer_size", 32))
+      max_images=packing["max_images"], buffer_size=packing.get("buffer_size", 32),
+      shrink_to_fit=True)
   template = None
   while True:
     batch = [row for _, row in zip(range(local), rows)]
@@ -192,3 +196,34 @@ def make_packed_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_siz
                        f"{process_count} examples.")
     batch += [packing_lib.empty_row(template)] * (local - len(batch))
     yield packing_lib.stack(batch)
+
+
+def gather_iterator_states(state: Mapping[str, Any]) -> dict[str, Any]:
+  """The checkpoint entry of every process's train iterator state (a collective call).
+
+  {"train_iterator": state} when all processes are at the same position (plain
+  iterators), else {"train_iterator_per_process": [state of process 0, 1, ...]} (packed).
+  """
+  if jax.process_count() == 1:
+    return {"train_iterator": dict(state)}
+  encoded = np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(encoded)))  # [P]
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(encoded)] = encoded
+  rows = multihost_utils.process_allgather(padded)  # [P, max length]
+  states = [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
+  if all(s == states[0] for s in states):
+    return {"train_iterator": states[0]}
+  return {"train_iterator_per_process": states}
+
+
+def select_iterator_state(data_state: Mapping[str, Any]) -> dict[str, Any]:
+  """This process's train iterator state from a checkpoint entry (see above)."""
+  if "train_iterator" in data_state:
+    return data_state["train_iterator"]
+  states = data_state["train_iterator_per_process"]
+  if len(states) != jax.process_count():
+    raise ValueError(f"The checkpoint's packed-data positions were saved by {len(states)} "
+                     f"processes; resume with {len(states)} processes (this run has "
+                     f"{jax.process_count()}), since each process packs its own images.")
+  return states[jax.process_index()]

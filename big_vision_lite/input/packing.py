@@ -216,11 +216,13 @@ class Packer:
 
 
 def pack(examples: Iterable[Mapping[str, Any]], *, seq_len: int, patch_size: int,
-         max_images: int, buffer_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
+         max_images: int, buffer_size: int = 32, shrink_to_fit: bool = False
+         ) -> Iterator[dict[str, np.ndarray]]:
   """Packs `{"image": [H, W, 3], "label": int, ...}` examples of any sizes into rows.
 
-  Images keep their native size (rounded to whole patches; larger than `seq_len` tokens is
-  an error). Yields dicts with the keys of the module docstring until `examples` runs out.
+  Images keep their native size, rounded to whole patches. One of more than `seq_len`
+  tokens is an error, or with `shrink_to_fit` is scaled down (aspect ratio kept) to fit.
+  Yields dicts with the keys of the module docstring until `examples` runs out.
   """
   if seq_len < 1 or max_images < 1 or buffer_size < 1 or patch_size < 1:
     raise ValueError(f"pack needs seq_len, patch_size, max_images and buffer_size >= 1; got "
@@ -229,7 +231,7 @@ def pack(examples: Iterable[Mapping[str, Any]], *, seq_len: int, patch_size: int
   for index, example in enumerate(examples):
     image = np.asarray(example["image"])
     grid = grid_size(image.shape[0], image.shape[1], patch_size) if image.ndim == 3 else None
-    if grid is not None and grid[0] * grid[1] > seq_len:
+    if grid is not None and grid[0] * grid[1] > seq_len and not shrink_to_fit:
       raise ValueError(f"Image {index} of {image.shape[0]}x{image.shape[1]} px is "
                        f"{grid[0]}x{grid[1]} patches of {patch_size} px, more than "
                        f"seq_len={seq_len} tokens; resize it or raise seq_len.")
