@@ -57,9 +57,14 @@ def main(argv: list[str]) -> None:
   task = tasks.REGISTRY.get(config.task)(config, model)
   batch_size = config.input.batch_size
   train_iter = data_lib.make_train_iterator(config.input.data, config.input.pp, batch_size,
-                                            seed=0)
+                                            seed=0, packing=config.input.get("packing"))
   batch_spec = train.peek_batch_spec(train_iter, batch_size)
-  batch = sharding.global_batch(next(train_iter), mesh)
+  host_batch = next(train_iter)
+  # Packed rows hold several images each; otherwise one image per row.
+  images_per_step = float(host_batch["label_mask"].sum()) if "label_mask" in host_batch \
+      else batch_size
+  input_key = "patches" if "patches" in batch_spec else "image"
+  batch = sharding.global_batch(host_batch, mesh)
   training = train.build_training(config, task, mesh, batch_spec)
   state = training.init(jax.random.key(0))
   compile_start = time.perf_counter()
@@ -83,11 +88,12 @@ def main(argv: list[str]) -> None:
       ("model", f"{config.model_name} {dict(config.model)}"),
       ("params", f"{num_params / 1e6:.2f} M"),
       ("devices", f"{devices} x {jax.devices()[0].device_kind}"),
-      ("global batch", f"{batch_size} {tuple(batch_spec['image'].shape[1:])}"),
+      ("global batch", f"{batch_size} x {input_key} {tuple(batch_spec[input_key].shape[1:])}"),
       ("compile", f"{compile_seconds:.1f} s"),
       ("step time", f"{seconds_per_step * 1e3:.1f} ms"),
-      ("images/s", f"{batch_size / seconds_per_step:.1f}"),
-      ("images/s/device", f"{batch_size / seconds_per_step / devices:.1f}"),
+      ("images/step", f"{images_per_step:g}"),
+      ("images/s", f"{images_per_step / seconds_per_step:.1f}"),
+      ("images/s/device", f"{images_per_step / seconds_per_step / devices:.1f}"),
       ("GFLOP/step (XLA)", f"{flops_per_step / 1e9:.2f}"),
       ("achieved TFLOP/s", f"{achieved / 1e12:.3f}"),
       (f"matmul peak TFLOP/s ({dtype.name}, per device)", f"{peak_per_device / 1e12:.3f}"),

@@ -124,20 +124,14 @@ class Model(nn.Module):
                             ("posemb_combine", POSEMB_COMBINE), ("pool_type", POOL_TYPES),
                             ("dtype_mm", vit.DTYPES_MM),
                             ("attention_impl", packed_attention.IMPLS)):
-      vit._check_choice(field, getattr(self, field), accepted)
+      vit.check_choice(field, getattr(self, field), accepted)
     hp = self.hparams()
-    if hp["width"] % hp["num_heads"]:
-      raise ValueError(f"Model field 'width' ({hp['width']}) must be divisible by "
-                       f"'num_heads' ({hp['num_heads']}).")
+    vit.check_encoder_fields(hp, self.dropout, self.drop_path)
     if hp["width"] % (4 if self.posemb_combine == "concat" else 2):
       raise ValueError(f"Model field 'width' ({hp['width']}) must be divisible by 4 with "
                        "posemb_combine='concat' (by 2 otherwise).")
     if not isinstance(self.max_grid, int) or self.max_grid < 1:
       raise ValueError(f"Model field 'max_grid' must be an int >= 1, got {self.max_grid!r}.")
-    for field in ("dropout", "drop_path"):
-      if not 0.0 <= getattr(self, field) < 1.0:
-        raise ValueError(f"Model field {field!r} must be in [0, 1), got "
-                         f"{getattr(self, field)!r}.")
     super().__post_init__()
 
   def hparams(self) -> dict[str, Any]:

@@ -30,10 +30,20 @@ DTYPES_MM = ("float32", "bfloat16", "float16")
 RESAMPLE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos3", "lanczos5")
 
 
-def _check_choice(field: str, value: Any, accepted: Sequence[Any]) -> None:
+def check_choice(field: str, value: Any, accepted: Sequence[Any]) -> None:
   if value not in accepted:
     raise ValueError(f"Model field {field!r} must be one of {', '.join(map(str, accepted))}; "
                      f"got {value!r}.")
+
+
+def check_encoder_fields(hp: Mapping[str, Any], dropout: float, drop_path: float) -> None:
+  """Checks a transformer's hparams (width, num_heads) and its dropout rates."""
+  if hp["width"] % hp["num_heads"]:
+    raise ValueError(f"Model field 'width' ({hp['width']}) must be divisible by "
+                     f"'num_heads' ({hp['num_heads']}).")
+  for field, rate in (("dropout", dropout), ("drop_path", drop_path)):
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"Model field {field!r} must be in [0, 1), got {rate!r}.")
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
@@ -283,20 +293,14 @@ class Model(nn.Module):
   dtype_mm: str = "float32"
 
   def __post_init__(self):
-    _check_choice("pool_type", self.pool_type, POOL_TYPES)
-    _check_choice("posemb", self.posemb, POSEMB_TYPES)
-    _check_choice("final_norm", self.final_norm, FINAL_NORMS)
-    _check_choice("dtype_mm", self.dtype_mm, DTYPES_MM)
+    check_choice("pool_type", self.pool_type, POOL_TYPES)
+    check_choice("posemb", self.posemb, POSEMB_TYPES)
+    check_choice("final_norm", self.final_norm, FINAL_NORMS)
+    check_choice("dtype_mm", self.dtype_mm, DTYPES_MM)
     hp = self.hparams()
     if len(hp["patch_size"]) != 2:
       raise ValueError(f"Model field 'patch_size' must be (h, w), got {self.patch_size!r}.")
-    if hp["width"] % hp["num_heads"]:
-      raise ValueError(f"Model field 'width' ({hp['width']}) must be divisible by "
-                       f"'num_heads' ({hp['num_heads']}).")
-    for field in ("dropout", "drop_path"):
-      if not 0.0 <= getattr(self, field) < 1.0:
-        raise ValueError(f"Model field {field!r} must be in [0, 1), got "
-                         f"{getattr(self, field)!r}.")
+    check_encoder_fields(hp, self.dropout, self.drop_path)
     super().__post_init__()
 
   def hparams(self) -> dict[str, Any]:
