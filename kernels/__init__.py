@@ -1,6 +1,12 @@
-"""Pallas kernels, each beside a pure-jnp reference with the same signature.
+"""Kernels, each beside a pure-jnp reference with the same signature and a dispatcher.
 
-A dispatcher per kernel picks `impl="pallas"` where it compiles and the reference
-elsewhere (SPEC "Kernels"): DCNv3 deformable aggregation and the chunked contrastive loss
-are tracked in their own issue and land here.
+- `contrastive_loss` (contrastive.py): CLIP / SigLIP losses over the global batch, chunked
+  with a recomputing custom VJP and, across devices, a `ppermute` ring.
+- `segment_attention` (packed_attention.py): NaViT's packed attention, JAX's Pallas
+  flash-attention kernels with segment ids on GPU/TPU.
+DCNv3 deformable aggregation is tracked in its own issue and lands here.
 """
+from kernels.contrastive import contrastive_loss
+from kernels.packed_attention import segment_attention
+
+__all__ = ["contrastive_loss", "segment_attention"]
