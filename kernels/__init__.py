@@ -1,6 +1,6 @@
 """Kernels, each beside a pure-jnp reference with the same signature and a dispatcher.
 
-- `dcnv3` (dcnv3.py): InternImage's deformable aggregation, with the official layout and
+- `dcnv3` (dcnv3_core.py): InternImage's deformable aggregation, with the official layout and
   semantics; today the jnp reference (a Pallas kernel is the open part of its issue).
 - `contrastive_loss` (contrastive.py): CLIP / SigLIP losses over the global batch, chunked
   with a recomputing custom VJP and, across devices, a `ppermute` ring.
@@ -8,7 +8,7 @@
   flash-attention kernels with segment ids on GPU/TPU.
 """
 from kernels.contrastive import contrastive_loss
-from kernels.dcnv3 import dcnv3
+from kernels.dcnv3_core import dcnv3
 from kernels.packed_attention import segment_attention
 
 __all__ = ["contrastive_loss", "dcnv3", "segment_attention"]
