@@ -8,6 +8,11 @@ softmax (CLIP) and sigmoid (SigLIP). Memory is XLA's compiled temporary allocati
 (`memory_analysis().temp_size_in_bytes`), read without running; time is the median of
 --repeats runs after one warm-up, for batch sizes up to --time_up_to (the naive loss
 at 32k needs several GiB of logits and their gradients).
+
+DCNv3 (value, offset and mask gradients included) at InternImage-T's four stage sizes for
+a 224 px input (56², 28², 14², 7² pixels; 64..512 channels in groups of 16), batch
+--dcn_batch: the jnp reference, and the Pallas kernel where the backend compiles it
+(GPU / TPU; on CPU only its interpret mode exists, which is for tests, not timing).
 """
 import statistics
 import time
@@ -25,6 +30,50 @@ flags.DEFINE_integer("dim", 256, "Embedding width D.")
 flags.DEFINE_integer("chunk", 512, "Rows per chunk of the chunked loss.")
 flags.DEFINE_integer("time_up_to", 8192, "Largest B that is also timed.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per measurement.")
+flags.DEFINE_integer("dcn_batch", 8, "Batch size of the DCNv3 measurements.")
+
+# InternImage-T stages at 224 px: (side, channels); groups = channels / 16.
+INTERNIMAGE_T_STAGES = ((56, 64), (28, 128), (14, 256), (7, 512))
+
+
+def _dcnv3_step(impl: str, group: int):
+  def loss(value, offset, mask):
+    out = kernels.dcnv3(value, offset, mask, group=group, impl=impl)
+    return (out.astype(jnp.float32) ** 2).mean()
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def _dcnv3_seconds(fn, inputs, repeats: int) -> float:
+  jax.block_until_ready(fn(*inputs))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*inputs))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def benchmark_dcnv3(batch: int, repeats: int) -> None:
+  """Prints reference (and, where it compiles, Pallas) fwd+bwd time per InternImage-T stage."""
+  compiled = jax.default_backend() in ("gpu", "tpu")
+  print(f"\nDCNv3 fwd+bwd, InternImage-T stages at 224 px, batch {batch}, 3x3 points"
+        + ("" if compiled else "; Pallas not timed: no GPU/TPU backend"))
+  print(f"{'stage':>5}  {'H=W':>4}  {'C':>4}  {'G':>3}  {'reference ms':>12}  "
+        f"{'pallas ms':>9}  {'reference / pallas':>18}")
+  rng = np.random.default_rng(0)
+  for stage, (side, channels) in enumerate(INTERNIMAGE_T_STAGES, 1):
+    group = channels // 16
+    value = jnp.asarray(rng.normal(size=(batch, side, side, channels)), jnp.float32)
+    offset = jnp.asarray(rng.normal(size=(batch, side, side, group * 18)), jnp.float32)
+    mask = jax.nn.softmax(jnp.asarray(rng.normal(size=(batch, side, side, group, 9)),
+                                      jnp.float32), -1).reshape(batch, side, side, group * 9)
+    inputs = (value, offset, mask)
+    ref = _dcnv3_seconds(_dcnv3_step("reference", group), inputs, repeats)
+    pallas = _dcnv3_seconds(_dcnv3_step("pallas", group), inputs, repeats) if compiled else None
+    cells = (f"{pallas * 1e3:9.1f}", f"{ref / pallas:18.2f}") if pallas else ("-".rjust(9),
+                                                                           "-".rjust(18))
+    print(f"{stage:>5}  {side:>4}  {channels:>4}  {group:>3}  {ref * 1e3:12.1f}  "
+          f"{cells[0]}  {cells[1]}")
 
 
 def _compiled(fn, b: int, d: int):
@@ -73,6 +122,7 @@ def main(argv: list[str]) -> None:
   for row in rows:
     print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
   print("mem ratio = naive / chunked temporary memory; time ratio = chunked / naive.")
+  benchmark_dcnv3(f.dcn_batch, f.repeats)
 
 
 if __name__ == "__main__":
