@@ -1,7 +1,8 @@
 """Kernels, each beside a pure-jnp reference with the same signature and a dispatcher.
 
 - `dcnv3` (dcnv3_core.py): InternImage's deformable aggregation, with the official layout and
-  semantics; today the jnp reference (a Pallas kernel is the open part of its issue).
+  semantics; a jnp reference and a Pallas kernel with a custom VJP (checked in interpret
+  mode; "auto" keeps the reference until the kernel has been compiled on a GPU).
 - `contrastive_loss` (contrastive.py): CLIP / SigLIP losses over the global batch, chunked
   with a recomputing custom VJP and, across devices, a `ppermute` ring.
 - `segment_attention` (packed_attention.py): NaViT's packed attention, JAX's Pallas
