@@ -43,7 +43,8 @@ def _dcnv3_step(impl: str, group: int):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def _dcnv3_seconds(fn, inputs, repeats: int) -> float:
+def _median_seconds(fn, inputs, repeats: int) -> float:
+  """Median wall time of fn(*inputs) over `repeats` runs, after one warm-up run."""
   jax.block_until_ready(fn(*inputs))
   times = []
   for _ in range(repeats):
@@ -68,8 +69,8 @@ def benchmark_dcnv3(batch: int, repeats: int) -> None:
     mask = jax.nn.softmax(jnp.asarray(rng.normal(size=(batch, side, side, group, 9)),
                                       jnp.float32), -1).reshape(batch, side, side, group * 9)
     inputs = (value, offset, mask)
-    ref = _dcnv3_seconds(_dcnv3_step("reference", group), inputs, repeats)
-    pallas = _dcnv3_seconds(_dcnv3_step("pallas", group), inputs, repeats) if compiled else None
+    ref = _median_seconds(_dcnv3_step("reference", group), inputs, repeats)
+    pallas = _median_seconds(_dcnv3_step("pallas", group), inputs, repeats) if compiled else None
     cells = (f"{pallas * 1e3:9.1f}", f"{ref / pallas:18.2f}") if pallas else ("-".rjust(9),
                                                                            "-".rjust(18))
     print(f"{stage:>5}  {side:>4}  {channels:>4}  {group:>3}  {ref * 1e3:12.1f}  "
@@ -84,13 +85,7 @@ def _compiled(fn, b: int, d: int):
 def _seconds(compiled, b: int, d: int, repeats: int) -> float:
   rng = np.random.default_rng(0)
   z = [jnp.asarray(rng.normal(size=(b, d)) / np.sqrt(d), jnp.float32) for _ in range(2)]
-  jax.block_until_ready(compiled(*z))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*z))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return _median_seconds(compiled, z, repeats)
 
 
 def main(argv: list[str]) -> None:
