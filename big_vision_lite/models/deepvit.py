@@ -1,0 +1,153 @@
+"""DeepViT (Zhou et al. 2021): a ViT whose attention is Re-Attention.
+
+Re-Attention mixes the H softmax attention maps of a layer with a learnable H x H matrix
+Θ (initialised at the identity plus small noise) and normalises the result over the head
+axis (LayerNorm, `reattention_norm="layernorm"`) before it multiplies V:
+
+  A = softmax(Q Kᵀ / √d)  [B, H, N, N];   A' = LN_heads(Θᵀ A);   out = A' V
+
+so that deep stacks keep distinct attention maps per layer instead of collapsing to the
+same one. `aux["attention"]` holds every layer's maps A' when `return_attention=True`.
+Otherwise the model is ViT: patch embedding, learned or sin-cos position embeddings,
+pre-LN blocks, `tok` or `gap` pooling, zero-init head, and the same `variant` names, with
+`depth` overriding the variant's for the deep models (e.g. variant="S/16", depth=32).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_vision_lite.models import vit
+
+REATTENTION_NORMS = ("layernorm", "none")
+POOL_TYPES = ("tok", "gap")
+
+
+class ReAttention(nn.Module):
+  """Multi-head self-attention with head-mixed, head-normalised maps (parameter names as
+  `vit.MultiHeadAttention`, plus `reattention_weights` [H, H] and `reattention_norm`)."""
+  num_heads: int
+  norm: str = "layernorm"
+  init_noise: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B, N, D] -> (out [B, N, D], re-attention maps [B, H, N, N])."""
+    width, heads = x.shape[-1], self.num_heads
+    dense = lambda name: nn.DenseGeneral((heads, width // heads), name=name,
+                                         kernel_init=nn.initializers.xavier_uniform())
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # [B, N, H, Dh]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    attention = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, H, N, N]
+
+    def near_identity(rng, shape, dtype):
+      return jnp.eye(shape[0], dtype=dtype) + self.init_noise * jax.random.normal(
+          rng, shape, dtype)
+
+    theta = self.param("reattention_weights", near_identity, (heads, heads), jnp.float32)
+    mixed = jnp.einsum("hg,bhqk->bgqk", theta, attention)  # Θᵀ A over heads
+    if self.norm == "layernorm":
+      mixed = nn.LayerNorm(epsilon=1e-6, name="reattention_norm")(
+          mixed.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # LN over the head axis
+    out = jnp.einsum("bhqk,bkhd->bqhd", mixed.astype(v.dtype), v)  # [B, N, H, Dh]
+    out = nn.DenseGeneral(width, axis=(-2, -1), name="out",
+                          kernel_init=nn.initializers.xavier_uniform())(out)  # [B, N, D]
+    return out, mixed
+
+
+class Block(nn.Module):
+  """Pre-LN: x + ReAttention(LN(x)), then x + MLP(LN(x)), with drop-path."""
+  mlp_dim: int
+  num_heads: int
+  norm: str = "layernorm"
+  drop_path: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def residual(x, y):
+      if train and self.drop_path > 0:
+        y = vit.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+      return x + y
+
+    y, maps = ReAttention(self.num_heads, self.norm, name="ReAttention_0")(
+        nn.LayerNorm(epsilon=1e-6)(x))
+    x = residual(x, y)
+    x = residual(x, vit.MlpBlock(self.mlp_dim)(nn.LayerNorm(epsilon=1e-6)(x), train))
+    return x, maps
+
+
+class Model(nn.Module):
+  """DeepViT classifier; `variant` ("S/16", ...) as ViT's, `depth` may then be overridden."""
+  num_classes: int | None = None
+  variant: str | None = None
+  width: int = 384
+  depth: int | None = None  # Default 16, or the variant's.
+  mlp_dim: int | None = None
+  num_heads: int = 6
+  patch_size: int = 16
+  posemb: str = "learn"
+  pool_type: str = "tok"
+  reattention_norm: str = "layernorm"
+  drop_path: float = 0.0
+  head_zeroinit: bool = True
+
+  def __post_init__(self):
+    vit.check_choice("posemb", self.posemb, vit.POSEMB_TYPES)
+    vit.check_choice("pool_type", self.pool_type, POOL_TYPES)
+    vit.check_choice("reattention_norm", self.reattention_norm, REATTENTION_NORMS)
+    vit.check_encoder_fields(self.hparams(), 0.0, self.drop_path)
+    super().__post_init__()
+
+  def hparams(self) -> dict[str, Any]:
+    """width, depth, mlp_dim, num_heads, patch_size after `variant` (an explicit depth wins)."""
+    hp = dict(width=self.width, depth=16, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+              patch_size=self.patch_size)
+    if self.variant is not None:
+      hp.update(vit.parse_variant(self.variant))
+    if self.depth is not None:
+      hp["depth"] = self.depth
+    patch = hp["patch_size"]
+    hp["patch_size"] = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    hp["mlp_dim"] = hp["mlp_dim"] or 4 * hp["width"]
+    return hp
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               return_attention: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+    """images [B, H, W, 3] -> (logits [B, C], aux)."""
+    hp = self.hparams()
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"DeepViT expects NHWC images [B, H, W, 3], got {images.shape}.")
+    width = hp["width"]
+    x = nn.Conv(width, hp["patch_size"], strides=hp["patch_size"], padding="VALID",
+                name="embedding")(images)  # [B, h, w, D]
+    b, h, w, _ = x.shape
+    x = x.reshape(b, h * w, width)  # [B, N, D]
+    if self.posemb == "learn":
+      posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
+                          (1, h * w, width), jnp.float32)
+    else:
+      posemb = vit.get_posemb_sincos2d(h, w, width)
+    x = x + posemb
+    if self.pool_type == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
+      x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)  # [B, 1 + N, D]
+    aux: dict[str, Any] = {}
+    maps = []
+    for i in range(hp["depth"]):
+      rate = self.drop_path * i / max(hp["depth"] - 1, 1)
+      x, layer_maps = Block(hp["mlp_dim"], hp["num_heads"], self.reattention_norm, rate,
+                            name=f"encoderblock_{i}")(x, train)
+      maps.append(layer_maps)
+    if return_attention:
+      aux["attention"] = maps
+    x = nn.LayerNorm(epsilon=1e-6, name="encoder_norm")(x)
+    x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)  # [B, D]
+    aux["pre_logits"] = x
+    if self.num_classes:
+      init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+      x = nn.Dense(self.num_classes, kernel_init=init, name="head")(x)  # [B, C]
+    aux["logits"] = x
+    return x, aux
