@@ -285,7 +285,6 @@ class PackedTrainIterator:
                packing: Mapping[str, Any], *, seed: int, process_index: int,
                process_count: int, num_threads: int = 2, prefetch: int = 2):
     preprocess = pp_lib.get_preprocess_fn(pp)
-    self._packing = dict(packing)
     patch, seq_len = packing["patch_size"], packing["seq_len"]
 
     def to_tokens(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
