@@ -1,4 +1,6 @@
 """DeepViT: Re-Attention against plain attention and a naive formula; model shapes."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,3 +57,29 @@ def test_model_shapes_depth_override_and_attention_maps():
   assert params["encoderblock_0"]["ReAttention_0"]["reattention_weights"].shape == (3, 3)
   with pytest.raises(ValueError, match="reattention_norm"):
     deepvit.Model(reattention_norm="batchnorm")
+
+
+def test_deep_config_trains(tmp_path):
+  from big_vision_lite import train  # pylint: disable=g-import-not-at-top
+  from configs import deepvit as deepvit_config  # pylint: disable=g-import-not-at-top
+  config = deepvit_config.get_config("depth=6,total_steps=120,batch_size=64,lr=2e-3")
+  config.model.update(width=64, mlp_dim=128, num_heads=4, patch_size=(8, 8))
+  config.log_training_steps = 20
+  config.mesh = [("data", 1)]
+  config.evals = {}
+  train.train_and_evaluate(config, str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  losses = [l["train/loss"] for l in lines if "train/loss" in l]
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.03, losses
+
+
+def test_collapse_similarity_is_one_for_equal_layers_and_plot_is_written(tmp_path):
+  from big_vision_lite.tools import attention_collapse  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  same = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 3, 5, 5))), -1)
+  other = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 3, 5, 5))), -1)
+  sims = attention_collapse.layer_similarity([same, same, other])
+  np.testing.assert_allclose(sims[0], 1.0, atol=1e-5)
+  assert abs(sims[1]) < 0.5
+  attention_collapse.draw({"vit": sims, "deepvit": sims[::-1]}, str(tmp_path / "c.png"))
+  assert (tmp_path / "c.png").stat().st_size > 1000
