@@ -3,8 +3,9 @@
 A run's checkpoints live in `<workdir>/checkpoints/<step>/{state,data}`: `state` is the
 train state pytree (params, optimiser state, extra model collections, EMA, step, RNG) and
 `data` the JSON position of the data iterator (one for all processes, or one per process
-for packed data). orbax writes each step into a temporary directory and renames it when complete, so a half-written step is never listed;
-if the newest listed step still fails to restore, the previous one is used with a warning.
+for packed data). orbax writes each step into a temporary directory and renames it when
+complete, so a half-written step is never listed; if the newest listed step still fails to
+restore, the previous one is used with a warning.
 """
 import json
 import os

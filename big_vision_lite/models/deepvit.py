@@ -102,15 +102,12 @@ class Model(nn.Module):
 
   def hparams(self) -> dict[str, Any]:
     """width, depth, mlp_dim, num_heads, patch_size after `variant` (an explicit depth wins)."""
-    hp = dict(width=self.width, depth=16, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-              patch_size=self.patch_size)
-    if self.variant is not None:
-      hp.update(vit.parse_variant(self.variant))
+    hp = vit.resolve_hparams(self.width, 16, self.mlp_dim, self.num_heads, self.patch_size,
+                             self.variant)
     if self.depth is not None:
       hp["depth"] = self.depth
     patch = hp["patch_size"]
     hp["patch_size"] = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    hp["mlp_dim"] = hp["mlp_dim"] or 4 * hp["width"]
     return hp
 
   @nn.compact
@@ -120,20 +117,8 @@ class Model(nn.Module):
     hp = self.hparams()
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"DeepViT expects NHWC images [B, H, W, 3], got {images.shape}.")
-    width = hp["width"]
-    x = nn.Conv(width, hp["patch_size"], strides=hp["patch_size"], padding="VALID",
-                name="embedding")(images)  # [B, h, w, D]
-    b, h, w, _ = x.shape
-    x = x.reshape(b, h * w, width)  # [B, N, D]
-    if self.posemb == "learn":
-      posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
-                          (1, h * w, width), jnp.float32)
-    else:
-      posemb = vit.get_posemb_sincos2d(h, w, width)
-    x = x + posemb
-    if self.pool_type == "tok":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
-      x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), x], axis=1)  # [B, 1 + N, D]
+    x, _ = vit.embed_patches(self, images, hp["width"], hp["patch_size"], self.posemb,
+                             self.pool_type == "tok")  # [B, (1+)N, D]
     aux: dict[str, Any] = {}
     maps = []
     for i in range(hp["depth"]):

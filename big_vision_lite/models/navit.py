@@ -136,17 +136,13 @@ class Model(nn.Module):
 
   def hparams(self) -> dict[str, Any]:
     """width, depth, mlp_dim, num_heads and patch_size (an int) after applying `variant`."""
-    hp = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
-              num_heads=self.num_heads, patch_size=self.patch_size)
-    if self.variant is not None:
-      hp.update(vit.parse_variant(self.variant))
+    hp = vit.resolve_hparams(self.width, self.depth, self.mlp_dim, self.num_heads,
+                             self.patch_size, self.variant)
     patch = hp["patch_size"]
     if not isinstance(patch, int):
       if len(set(patch)) != 1:
         raise ValueError(f"Model field 'patch_size' must be square for NaViT, got {patch!r}.")
-      patch = int(patch[0])
-    hp["patch_size"] = patch
-    hp["mlp_dim"] = hp["mlp_dim"] or 4 * hp["width"]
+      hp["patch_size"] = int(patch[0])
     return hp
 
   @nn.compact

@@ -46,6 +46,42 @@ def check_encoder_fields(hp: Mapping[str, Any], dropout: float, drop_path: float
       raise ValueError(f"Model field {field!r} must be in [0, 1), got {rate!r}.")
 
 
+def resolve_hparams(width: int, depth: int, mlp_dim: int | None, num_heads: int,
+                    patch_size: Any, variant: str | None) -> dict[str, Any]:
+  """width, depth, mlp_dim, num_heads, patch_size with `variant` (e.g. "S/16") taking
+  precedence over the explicit fields; mlp_dim defaults to 4 · width."""
+  hp = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+            patch_size=patch_size)
+  if variant is not None:
+    hp.update(parse_variant(variant))
+  hp["mlp_dim"] = hp["mlp_dim"] or 4 * hp["width"]
+  return hp
+
+
+def embed_patches(module: nn.Module, images: jax.Array, width: int, patch: tuple[int, int],
+                  posemb: str, class_token: bool, dtype_mm: str = "float32"
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Patch embedding, position embedding and optional class token, as params of `module`
+  (`embedding`, `pos_embedding`, `cls`); call from its compact method.
+
+  images [B, H, W, 3] -> (tokens [B, (1+)N, D], patch grid [B, h, w, D]).
+  """
+  grid = nn.Conv(width, patch, strides=patch, padding="VALID", dtype=dtype_mm,
+                 name="embedding")(images.astype(dtype_mm))  # [B, h, w, D]
+  b, h, w, _ = grid.shape
+  x = grid.reshape(b, h * w, width)  # [B, N, D]
+  if posemb == "learn":
+    table = module.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
+                         (1, h * w, width), jnp.float32)
+  else:
+    table = get_posemb_sincos2d(h, w, width)
+  x = x + table.astype(x.dtype)  # [B, N, D]
+  if class_token:
+    cls = module.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
+    x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)  # [B, 1+N, D]
+  return x, grid
+
+
 def parse_variant(variant: str) -> dict[str, Any]:
   """"S/16" -> dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=(16, 16))."""
   size, _, patch = str(variant).partition("/")
@@ -307,12 +343,8 @@ class Model(nn.Module):
     """width, depth, mlp_dim, num_heads and patch_size after applying `variant`."""
     patch = self.patch_size
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    hp = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
-              num_heads=self.num_heads, patch_size=patch)
-    if self.variant is not None:
-      hp.update(parse_variant(self.variant))
-    hp["mlp_dim"] = hp["mlp_dim"] or 4 * hp["width"]
-    return hp
+    return resolve_hparams(self.width, self.depth, self.mlp_dim, self.num_heads, patch,
+                           self.variant)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
@@ -328,20 +360,8 @@ class Model(nn.Module):
       raise ValueError(f"Images {images.shape[1:3]} are smaller than one patch {patch}.")
     width = hp["width"]
     aux: dict[str, Any] = {}
-    x = nn.Conv(width, patch, strides=patch, padding="VALID", dtype=self.dtype_mm,
-                name="embedding")(images.astype(self.dtype_mm))  # [B, h, w, D]
-    aux["stem"] = x
-    b, h, w, _ = x.shape
-    x = x.reshape(b, h * w, width)  # [B, N, D]
-    if self.posemb == "learn":
-      posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
-                          (1, h * w, width), jnp.float32)
-    else:
-      posemb = get_posemb_sincos2d(h, w, width)
-    x = x + posemb.astype(x.dtype)  # [B, N, D]
-    if self.pool_type == "tok":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
-      x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)  # [B, 1+N, D]
+    x, aux["stem"] = embed_patches(self, images, width, patch, self.posemb,
+                                   self.pool_type == "tok", self.dtype_mm)  # [B, (1+)N, D]
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     pre_pool = self.final_norm == "pre_pool"
     x, encoder_aux = Encoder(
