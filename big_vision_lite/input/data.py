@@ -11,7 +11,7 @@ batch, so a global batch is the same whatever the number of processes. Iterator 
 JSON dicts ({"next_index": n}, the number of local batches read).
 """
 import json
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import jax
@@ -100,6 +100,15 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+def _train_stream(data: Mapping[str, Any], seed: int,
+                  fn: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+                  ) -> grain.MapDataset:
+  """The endless global train stream: shuffled anew each epoch, `fn(example, rng)` seeded
+  by the stream position."""
+  return (grain.MapDataset.source(get_source(data)).seed(seed).shuffle().repeat(None)
+          .random_map(fn))
+
+
 def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int, *,
                         seed: int, process_index: int = 0, process_count: int = 1,
                         num_threads: int = 2, prefetch: int = 2,
@@ -112,13 +121,15 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
   process then packs its own share of the image stream.
   """
   local = _local_batch_size(global_batch_size, process_count)
-  if packing:
-    return packing_lib.PackedTrainIterator(
-        get_source(data), pp, local, packing, seed=seed, process_index=process_index,
-        process_count=process_count, num_threads=num_threads, prefetch=prefetch)
   preprocess = pp_lib.get_preprocess_fn(pp)
-  stream = (grain.MapDataset.source(get_source(data)).seed(seed).shuffle().repeat(None)
-            .random_map(lambda ex, rng: _check_arrays(preprocess(ex, rng))))
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  if packing:
+    tokens = packing_lib.tokenizer(packing)
+    stream = _train_stream(data, seed, lambda ex, rng: tokens(preprocess(ex, rng), rng))
+    images = grain.MapDataset.range(0, _STREAM_LENGTH).map(
+        lambda i: stream[i * process_count + process_index])  # This process's images.
+    return packing_lib.PackedTrainIterator(images, local, packing, options)
+  stream = _train_stream(data, seed, lambda ex, rng: _check_arrays(preprocess(ex, rng)))
   offset = process_index * local
 
   def element(i: int) -> dict[str, np.ndarray]:  # Row i % local of local batch i // local.
@@ -126,7 +137,6 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
 
   rows = grain.MapDataset.range(0, _STREAM_LENGTH).map(element)
   batches = rows.batch(local, drop_remainder=True, batch_fn=_stack)
-  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return iter(batches.to_iter_dataset(options))
 
 

@@ -24,7 +24,7 @@ The train iterator is deterministic and checkpointable: its state is the stream 
 and the stream indices of the pooled images (each image is a pure function of its index).
 """
 import math
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -33,8 +33,6 @@ from big_vision_lite.input import pp as pp_lib
 
 DISTRIBUTIONS = {"fixed": ("value",), "uniform": ("low", "high"), "beta": ("a", "b"),
                  "choice": ("values",)}
-PACKED_KEYS = ("patches", "segment_ids", "positions", "image_sizes", "labels", "label_mask")
-_STREAM_LENGTH = 10**15
 
 
 def check_distribution(spec: Mapping[str, Any] | None, field: str, *, low: float = -math.inf,
@@ -117,7 +115,7 @@ def patchify(image: np.ndarray, patch_size: int, grid: tuple[int, int] | None = 
   if grid is None:
     grid = grid_size(image.shape[0], image.shape[1], patch_size)
   h, w = grid
-  image = pp_lib._resize(image, h * patch_size, w * patch_size, "bilinear")
+  image = pp_lib.resize_image(image, h * patch_size, w * patch_size, "bilinear")
   patches = image.reshape(h, patch_size, w, patch_size, 3).transpose(0, 2, 1, 3, 4)
   ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
   positions = np.stack([ys.ravel(), xs.ravel()], -1).astype(np.int32)  # [h·w, 2]
@@ -274,31 +272,28 @@ def empty_row(like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: np.zeros_like(v) for k, v in like.items()}
 
 
-class PackedTrainIterator:
-  """Endless iterator of this process's packed batches, with get_state / set_state.
+def tokenizer(packing: Mapping[str, Any]
+              ) -> Callable[[Mapping[str, Any], np.random.Generator], dict[str, Any]]:
+  """`tokenize` with a packing config's patch size, token cap, resolution and token drop."""
+  def tokens(example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    return tokenize(example, packing["patch_size"], max_tokens=packing["seq_len"],
+                    resolution=packing.get("resolution"), token_drop=packing.get("token_drop"),
+                    rng=rng)
+  return tokens
 
-  Process p tokenizes images p, p + P, p + 2P, ... of one shuffled, augmented stream and
-  packs them into batches of `local_batch_size` rows.
+
+class PackedTrainIterator:
+  """Endless iterator of packed batches, with get_state / set_state.
+
+  `images` is this process's indexable stream of tokenized images (`tokenizer`), each a
+  pure function of its index, so the state is the next index and the pooled indices.
   """
 
-  def __init__(self, source: Sequence[Any], pp: str, local_batch_size: int,
-               packing: Mapping[str, Any], *, seed: int, process_index: int,
-               process_count: int, num_threads: int = 2, prefetch: int = 2):
-    preprocess = pp_lib.get_preprocess_fn(pp)
-    patch, seq_len = packing["patch_size"], packing["seq_len"]
-
-    def to_tokens(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-      return tokenize(preprocess(example, rng), patch, max_tokens=seq_len,
-                      resolution=packing.get("resolution"),
-                      token_drop=packing.get("token_drop"), rng=rng)
-
-    stream = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-              .random_map(to_tokens))
-    self._images = grain.MapDataset.range(0, _STREAM_LENGTH).map(
-        lambda i: stream[i * process_count + process_index])
-    self._options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    self._local = local_batch_size
-    self._packer = Packer(seq_len, packing["max_images"], packing.get("buffer_size", 32))
+  def __init__(self, images: grain.MapDataset, local_batch_size: int,
+               packing: Mapping[str, Any], options: grain.ReadOptions):
+    self._images, self._options, self._local = images, options, local_batch_size
+    self._packer = Packer(packing["seq_len"], packing["max_images"],
+                          packing.get("buffer_size", 32))
     self._start(0)
 
   def _start(self, next_index: int) -> None:

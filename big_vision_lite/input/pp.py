@@ -115,7 +115,7 @@ def _check_method(method: str) -> str:
   return method
 
 
-def _resize(image: np.ndarray, h: int, w: int, method: str) -> np.ndarray:
+def resize_image(image: np.ndarray, h: int, w: int, method: str) -> np.ndarray:
   """PIL resize of [H, W, C] uint8 (as one image) or float (channel by channel)."""
   if image.shape[:2] == (h, w):
     return image
@@ -157,7 +157,7 @@ def resize(size: int | Sequence[int], key: str = "image", method: str = "bilinea
   _check_method(method)
   def fn(example, rng):
     del rng
-    return dict(example, **{key: _resize(_check_image(example[key], key), h, w, method)})
+    return dict(example, **{key: resize_image(_check_image(example[key], key), h, w, method)})
   return fn
 
 
@@ -171,7 +171,7 @@ def resize_small(size: int, key: str = "image", method: str = "bilinear") -> OpF
     h, w = image.shape[:2]
     scale = size / min(h, w)
     new_hw = max(int(round(h * scale)), size), max(int(round(w * scale)), size)
-    return dict(example, **{key: _resize(image, *new_hw, method)})
+    return dict(example, **{key: resize_image(image, *new_hw, method)})
   return fn
 
 
@@ -228,7 +228,7 @@ def inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
       top, left, h, w = 0, 0, height, width
     image = _crop(image, top, left, h, w)
     if size is not None:
-      image = _resize(image, *_hw(size), method)
+      image = resize_image(image, *_hw(size), method)
     return dict(example, **{key: image})
   return fn
 
