@@ -194,10 +194,12 @@ class Packer:
            "positions": np.zeros((length, 2), np.int32),
            "image_sizes": np.zeros((slots, 2), np.int32),
            "label_mask": np.zeros((slots,), bool)}
-    for key in images[0]:
-      if key not in ("patches", "positions", "image_size"):
-        value = images[0][key]
-        row["labels" if key == "label" else key] = np.zeros((slots,) + value.shape, value.dtype)
+    # Per-image keys other than the tokens ("label" -> "labels") get one entry per slot.
+    per_image = {key: "labels" if key == "label" else key for key in images[0]
+                 if key not in ("patches", "positions", "image_size")}
+    for key, name in per_image.items():
+      value = images[0][key]
+      row[name] = np.zeros((slots,) + value.shape, value.dtype)
     start = 0
     for slot, image in enumerate(images):
       n = len(image["patches"])
@@ -206,9 +208,8 @@ class Packer:
       row["segment_ids"][start:start + n] = slot + 1
       row["image_sizes"][slot] = image["image_size"]
       row["label_mask"][slot] = True
-      for key, value in image.items():
-        if key not in ("patches", "positions", "image_size"):
-          row["labels" if key == "label" else key][slot] = value
+      for key, name in per_image.items():
+        row[name][slot] = image[key]
       start += n
     return row
 
