@@ -14,15 +14,13 @@ a 224 px input (56², 28², 14², 7² pixels; 64..512 channels in groups of 16),
 --dcn_batch: the jnp reference, and the Pallas kernel where the backend compiles it
 (GPU / TPU; on CPU only its interpret mode exists, which is for tests, not timing).
 """
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 import kernels
+from benchmarks import timing
 from kernels import contrastive
 
 flags.DEFINE_list("sizes", ["4096", "8192", "16384", "32768"], "Global batch sizes B.")
@@ -43,15 +41,8 @@ def _dcnv3_step(impl: str, group: int):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def _median_seconds(fn, inputs, repeats: int) -> float:
-  """Median wall time of fn(*inputs) over `repeats` runs, after one warm-up run."""
-  jax.block_until_ready(fn(*inputs))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*inputs))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _median_seconds(cases: dict[str, tuple], repeats: int) -> dict[str, float]:
+  return timing.time_interleaved(cases, warmup=0, steps=repeats)[1]
 
 
 def benchmark_dcnv3(batch: int, repeats: int) -> None:
@@ -69,8 +60,9 @@ def benchmark_dcnv3(batch: int, repeats: int) -> None:
     mask = jax.nn.softmax(jnp.asarray(rng.normal(size=(batch, side, side, group, 9)),
                                       jnp.float32), -1).reshape(batch, side, side, group * 9)
     inputs = (value, offset, mask)
-    ref = _median_seconds(_dcnv3_step("reference", group), inputs, repeats)
-    pallas = _median_seconds(_dcnv3_step("pallas", group), inputs, repeats) if compiled else None
+    impls = ("reference", "pallas") if compiled else ("reference",)
+    seconds = _median_seconds({i: (_dcnv3_step(i, group), inputs) for i in impls}, repeats)
+    ref, pallas = seconds["reference"], seconds.get("pallas")
     cells = (f"{pallas * 1e3:9.1f}", f"{ref / pallas:18.2f}") if pallas else ("-".rjust(9),
                                                                            "-".rjust(18))
     print(f"{stage:>5}  {side:>4}  {channels:>4}  {group:>3}  {ref * 1e3:12.1f}  "
@@ -80,12 +72,6 @@ def benchmark_dcnv3(batch: int, repeats: int) -> None:
 def _compiled(fn, b: int, d: int):
   spec = jax.ShapeDtypeStruct((b, d), jnp.float32)
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(spec, spec).compile()
-
-
-def _seconds(compiled, b: int, d: int, repeats: int) -> float:
-  rng = np.random.default_rng(0)
-  z = [jnp.asarray(rng.normal(size=(b, d)) / np.sqrt(d), jnp.float32) for _ in range(2)]
-  return _median_seconds(compiled, z, repeats)
 
 
 def main(argv: list[str]) -> None:
@@ -107,7 +93,11 @@ def main(argv: list[str]) -> None:
       mem = [c.memory_analysis().temp_size_in_bytes / 2**20 for c in (naive_c, chunked_c)]
       row = [kind, str(b), f"{mem[0]:.1f}", f"{mem[1]:.1f}", f"{mem[0] / mem[1]:.1f}"]
       if b <= f.time_up_to:
-        secs = [_seconds(c, b, f.dim, f.repeats) for c in (naive_c, chunked_c)]
+        rng = np.random.default_rng(0)
+        z = tuple(jnp.asarray(rng.normal(size=(b, f.dim)) / np.sqrt(f.dim), jnp.float32)
+                  for _ in range(2))
+        by_name = _median_seconds({"naive": (naive_c, z), "chunked": (chunked_c, z)}, f.repeats)
+        secs = [by_name["naive"], by_name["chunked"]]
         row += [f"{secs[0] * 1e3:.0f}", f"{secs[1] * 1e3:.0f}", f"{secs[1] / secs[0]:.2f}"]
       else:
         row += ["-", "-", "-"]

@@ -26,9 +26,7 @@ and each variant's median over --steps is reported, so all ratios come from one 
 """
 import math
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -38,6 +36,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from benchmarks import timing
 from big_vision_lite import utils
 from big_vision_lite.input import packing
 from big_vision_lite.models import navit, vit
@@ -135,25 +134,6 @@ def square_grid(tokens: int) -> tuple[int, int]:
   return h, tokens // h
 
 
-def time_interleaved(cases: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]]
-                     ) -> tuple[dict[str, float], dict[str, float]]:
-  """Compile seconds and median step seconds of each case, steps of all cases interleaved."""
-  compile_s = {}
-  for name, (fn, args) in cases.items():
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s[name] = time.perf_counter() - start
-    for _ in range(FLAGS.warmup):
-      jax.block_until_ready(fn(*args))
-  times: dict[str, list[float]] = {name: [] for name in cases}
-  for _ in range(FLAGS.steps):
-    for name, (fn, args) in cases.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return compile_s, {name: statistics.median(t) for name, t in times.items()}
-
-
 def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
   widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
   line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
@@ -239,7 +219,7 @@ def main(argv: list[str]) -> None:
                       (*qkv, packed["segment_ids"])),
       "attn plain": (jax.jit(jax.grad(plain_attn, (0, 1, 2))), tuple(qkv)),
   }
-  compile_s, step_s = time_interleaved(cases)
+  compile_s, step_s = timing.time_interleaved(cases, warmup=FLAGS.warmup, steps=FLAGS.steps)
 
   print(f"\nmodel: width {FLAGS.width}, depth {FLAGS.depth}, heads {FLAGS.heads}, mlp "
         f"{hparams['mlp_dim']}, {FLAGS.classes} classes, pool {FLAGS.pool}, attention "
