@@ -77,9 +77,15 @@ def _block_pass(zimg, ztxt_block, temperature, bias, chunk, fn, carry):
   return carry
 
 
-def _diag_mask(chunk, index, n_txt, offset, same_block):
+def _add_rows(x, start, rows):
+  """x with `rows` added to x[start:start + len(rows)] (start may be traced)."""
+  current = jax.lax.dynamic_slice_in_dim(x, start, rows.shape[0])
+  return jax.lax.dynamic_update_slice_in_dim(x, current + rows, start, 0)
+
+
+def _diag_mask(chunk, index, n_txt, same_block):
   """[chunk, n_txt] True on the positive pairs of image chunk `index` of a block."""
-  rows = index * chunk + jnp.arange(chunk) + offset
+  rows = index * chunk + jnp.arange(chunk)
   return (rows[:, None] == jnp.arange(n_txt)[None, :]) & same_block
 
 
@@ -100,9 +106,8 @@ def _softmax_stats(zimg, ztxt, temperature, chunk, axis_name):
     new_max = jnp.maximum(col_max, chunk_max)
     col_sum = (col_sum * jnp.exp(col_max - new_max)
                + jnp.exp(logits - new_max).sum(0))
-    diag = jnp.where(_diag_mask(chunk, index, b, 0, same), logits, 0.0).sum(1)
-    pos = jax.lax.dynamic_update_slice_in_dim(
-        pos, jax.lax.dynamic_slice_in_dim(pos, start, chunk) + diag, start, 0)
+    diag = jnp.where(_diag_mask(chunk, index, b, same), logits, 0.0).sum(1)
+    pos = _add_rows(pos, start, diag)
     return row_lse, new_max, col_sum, pos, same
 
   row_lse, pos, col_max, col_sum = _varying(
@@ -120,8 +125,7 @@ def _softmax_stats(zimg, ztxt, temperature, chunk, axis_name):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _softmax_loss(zimg, ztxt, temperature, chunk, axis_name):
-  row_lse, col_lse, pos = _softmax_stats(zimg, ztxt, temperature, chunk, axis_name)
-  return _global_mean(0.5 * (row_lse + col_lse) - pos, axis_name)
+  return _softmax_fwd(zimg, ztxt, temperature, chunk, axis_name)[0]
 
 
 def _global_mean(per_example, axis_name):
@@ -151,10 +155,8 @@ def _softmax_bwd(chunk, axis_name, residuals, g):
     start = index * chunk
     lse = jax.lax.dynamic_slice_in_dim(row_lse, start, chunk)
     grad = (jnp.exp(logits - lse[:, None]) + jnp.exp(logits - col_lse_block[None, :])
-            - 2.0 * _diag_mask(chunk, index, b, 0, same)) * scale  # [chunk, b]
-    d_img = jax.lax.dynamic_update_slice_in_dim(
-        d_img, jax.lax.dynamic_slice_in_dim(d_img, start, chunk)
-        + temperature * grad @ txt, start, 0)
+            - 2.0 * _diag_mask(chunk, index, b, same)) * scale  # [chunk, b]
+    d_img = _add_rows(d_img, start, temperature * grad @ txt)
     d_txt = d_txt + temperature * grad.T @ img_chunk
     d_t = d_t + (grad * dots).sum()
     return d_img, d_txt, d_t, col_lse_block, same
@@ -187,7 +189,7 @@ def _sigmoid_fwd(zimg, ztxt, temperature, bias, chunk, axis_name):
   def fn(total, index, img_chunk, txt, temperature, bias):
     total, same = total
     logits = _logits(img_chunk, txt, temperature, bias)
-    labels = jnp.where(_diag_mask(chunk, index, b, 0, same), 1.0, -1.0)
+    labels = jnp.where(_diag_mask(chunk, index, b, same), 1.0, -1.0)
     return total - jax.nn.log_sigmoid(labels * logits).sum(), same
 
   (total,), txt = _varying(axis_name, jnp.zeros(())), ztxt
@@ -210,12 +212,10 @@ def _sigmoid_bwd(chunk, axis_name, residuals, g):
     d_img, d_txt, d_t, d_b, same = carry
     dots = img_chunk @ txt.T  # [chunk, b]
     logits = temperature * dots + bias
-    labels = jnp.where(_diag_mask(chunk, index, b, 0, same), 1.0, -1.0)
+    labels = jnp.where(_diag_mask(chunk, index, b, same), 1.0, -1.0)
     grad = -labels * jax.nn.sigmoid(-labels * logits) * scale  # d loss / d logit
     start = index * chunk
-    d_img = jax.lax.dynamic_update_slice_in_dim(
-        d_img, jax.lax.dynamic_slice_in_dim(d_img, start, chunk)
-        + temperature * grad @ txt, start, 0)
+    d_img = _add_rows(d_img, start, temperature * grad @ txt)
     return (d_img, d_txt + temperature * grad.T @ img_chunk, d_t + (grad * dots).sum(),
             d_b + grad.sum(), same)
 
