@@ -69,17 +69,8 @@ def sampling_points(offset: jax.Array, kernel_size: tuple[int, int],
 def _bilinear(image: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
   """image [H, W, C], y / x [M] pixel coordinates -> [M, C], zeros outside the image."""
   h, w, _ = image.shape
-  y0, x0 = jnp.floor(y), jnp.floor(x)
-  out = 0.0
-  for dy in (0, 1):
-    for dx in (0, 1):
-      yy, xx = y0 + dy, x0 + dx
-      weight = (1 - jnp.abs(y - yy)) * (1 - jnp.abs(x - xx))  # [M]
-      inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-      index = (jnp.clip(yy, 0, h - 1) * w + jnp.clip(xx, 0, w - 1)).astype(jnp.int32)
-      values = image.reshape(h * w, -1)[index]  # [M, C]
-      out = out + jnp.where(inside, weight, 0.0)[:, None] * values
-  return out
+  rows = image.reshape(h * w, -1)
+  return sum(weight[:, None] * rows[index] for index, weight, _, _ in _corners(y, x, h, w))
 
 
 def _corners(y: jax.Array, x: jax.Array, h: int, w: int):
