@@ -89,6 +89,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fields = [f for f in module.Model.__dataclass_fields__ if f not in ("parent", "name")]
     raise ValueError(f"Config field 'model' for model_name {config.model_name!r} is invalid "
                      f"({e}); accepted fields: {', '.join(fields)}.") from None
+  packing = (config.get("input") or {}).get("packing")
+  if packing:  # Before the task, which may rely on it.
+    packing_lib.validate(packing, "input.packing")
   _check_type(config, "task", (str,), required=True)
   tasks.REGISTRY.get(config.task, field="task").validate_config(config)
   for field in ("total_steps", "log_training_steps", "seed"):
@@ -109,8 +112,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_type(config, "input.pp", (str,), required=True)
   _check_data(config.input.get("data"), "input.data")
   pp_lib.validate(config.input.pp)
-  if config.input.get("packing"):
-    packing_lib.validate(config.input.packing, "input.packing")
   if config.get("grad_accum_steps") and config.input.batch_size % config.grad_accum_steps:
     raise ValueError(f"Config field 'input.batch_size' ({config.input.batch_size}) must be "
                      f"divisible by 'grad_accum_steps' ({config.grad_accum_steps}).")

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from big_vision_lite import models
-from big_vision_lite.input import packing as packing_lib
 from big_vision_lite.tasks import REGISTRY
 from big_vision_lite.tasks import classification
 from big_vision_lite.tasks.base import Task
@@ -40,7 +39,6 @@ class PackedClassification(Task):
     if not packing:
       raise ValueError("The packed_classification task needs config field 'input.packing' "
                        "(seq_len, patch_size, max_images, ...; see input/packing.py).")
-    packing_lib.validate(packing, "input.packing")
     check_patch_size(packing, config.model, config.model_name, "input.packing")
     for name, ev in (config.get("evals") or {}).items():
       if ev.get("packing"):
