@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw, ImageFont
 
+from big_vision_lite import config_lib
 from big_vision_lite.input import data as data_lib
 from big_vision_lite.input import shapes
 
@@ -115,6 +116,7 @@ def draw_row(row: Mapping[str, np.ndarray], index: int, patch: int, dataset: str
 def main(argv: list[str]) -> None:
   del argv
   config = flags.FLAGS.config
+  config_lib.validate(config)
   if not config.input.get("packing"):
     raise ValueError("draw_packing needs a config with 'input.packing' (e.g. configs/navit.py).")
   packing = config.input.packing
