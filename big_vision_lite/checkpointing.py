@@ -122,8 +122,12 @@ def read_run_model(path: str) -> tuple[str | None, dict[str, Any] | None]:
   return None, None
 
 
-def load_params(path: str) -> dict[str, Any]:
-  """Reads the params of `path` as numpy: an import dir (`params/`) or a run's newest step."""
+def load_variables(path: str) -> dict[str, Any]:
+  """Reads the model variables of `path` as numpy: `{"params": ..., <collection>: ...}`.
+
+  `path` is an import dir (`params/`, holding every collection, e.g. `batch_stats`) or a
+  run dir, whose newest step gives `params` and the `extra` collections of its train state.
+  """
   path = os.path.abspath(path)
   as_numpy = lambda tree: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   if os.path.isdir(os.path.join(path, "params")):
@@ -131,9 +135,8 @@ def load_params(path: str) -> dict[str, Any]:
     meta = checkpointer.metadata(os.path.join(path, "params"))
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    restored = checkpointer.restore(os.path.join(path, "params"), args=ocp.args.PyTreeRestore(
-        item=tree, restore_args=as_numpy(tree)))
-    return restored["params"]
+    return dict(checkpointer.restore(os.path.join(path, "params"), args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=as_numpy(tree))))
   directory = os.path.join(path, "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"Config field 'init_from': {path} holds neither an imported checkpoint "
@@ -144,10 +147,16 @@ def load_params(path: str) -> dict[str, Any]:
   if step is None:
     raise ValueError(f"Config field 'init_from': {directory} has no complete checkpoint.")
   meta = manager.item_metadata(step)["state"]
-  sub = {"params": getattr(meta, "tree", meta)["params"]}
+  saved = getattr(meta, "tree", meta)
+  sub = {"params": saved["params"], "extra": saved.get("extra") or {}}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=sub, restore_args=as_numpy(sub), partial_restore=True)))
-  return restored.state["params"]
+  return {"params": restored.state["params"], **(restored.state.get("extra") or {})}
+
+
+def load_params(path: str) -> dict[str, Any]:
+  """The `params` collection of `load_variables(path)`."""
+  return load_variables(path)["params"]
 
 
 def merge_init_params(init_params: Any, loaded: Any, skip: list[str] | tuple[str, ...],

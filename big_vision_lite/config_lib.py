@@ -12,7 +12,9 @@ import ml_collections
 from big_vision_lite import evaluators
 from big_vision_lite import models
 from big_vision_lite import optimizer
+from big_vision_lite import sharding
 from big_vision_lite import tasks
+from big_vision_lite.input import multiscale as multiscale_lib
 from big_vision_lite.input import packing as packing_lib
 from big_vision_lite.input import pp as pp_lib
 
@@ -112,11 +114,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_type(config, "input.pp", (str,), required=True)
   _check_data(config.input.get("data"), "input.data")
   pp_lib.validate(config.input.pp)
-  if config.get("grad_accum_steps") and config.input.batch_size % config.grad_accum_steps:
+  multiscale = config.input.get("multiscale")
+  if not multiscale and config.get("grad_accum_steps") and (
+      config.input.batch_size % config.grad_accum_steps):
     raise ValueError(f"Config field 'input.batch_size' ({config.input.batch_size}) must be "
                      f"divisible by 'grad_accum_steps' ({config.grad_accum_steps}).")
   optimizer.validate_config(config)
   _validate_mesh(config.get("mesh"), config.get("sharding_rules"))
+  if multiscale:
+    if config.input.get("packing"):
+      raise ValueError("Config fields 'input.multiscale' and 'input.packing' exclude each "
+                       "other: packed rows already mix resolutions.")
+    multiscale_lib.validate(multiscale, config.input.batch_size,
+                            multiscale_batch_multiple(config), "input.multiscale")
   for name, ev in (config.get("evals") or {}).items():
     field = f"evals.{name}"
     _check_type(ev, "type", (str,), required=True)
@@ -131,6 +141,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if not isinstance(ev.get(key), int) or isinstance(ev.get(key), bool) or ev[key] <= 0:
         raise ValueError(f"Config field '{field}.{key}' must be an int > 0, "
                          f"got {ev.get(key)!r}.")
+
+
+def multiscale_batch_multiple(config: ml_collections.ConfigDict) -> int:
+  """What every multi-scale batch size must be a multiple of: the data-parallel devices
+  (and processes) times the gradient accumulation steps."""
+  mesh = sharding.make_mesh(config.get("mesh"))
+  return sharding.batch_divisor(mesh) * (config.get("grad_accum_steps") or 1)
 
 
 def _validate_mesh(mesh: Sequence[Any] | None, rules: Sequence[Any] | None) -> None:

@@ -83,23 +83,28 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
 class Throughput:
   """Steps/s, examples/s, core-hours and ETA between two log points."""
 
-  def __init__(self, total_steps: int, batch_size: int, start_step: int):
+  def __init__(self, total_steps: int, start_step: int):
     self.total_steps = total_steps
-    self.batch_size = batch_size
     self._last_step = start_step
     self._last_time = time.perf_counter()
+    self._examples = 0
     self.core_hours = 0.0
+
+  def count(self, examples: int) -> None:
+    """Adds the rows of one global batch (batch sizes may vary from step to step)."""
+    self._examples += examples
 
   def measure(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     dt = max(now - self._last_time, 1e-9)
     steps_per_sec = (step - self._last_step) / dt
     self.core_hours += dt * jax.device_count() / 3600
-    self._last_step, self._last_time = step, now
+    examples_per_sec = self._examples / dt
+    self._last_step, self._last_time, self._examples = step, now, 0
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
     return {"steps_per_sec": steps_per_sec,
-            "examples_per_sec": steps_per_sec * self.batch_size,
-            "examples_per_sec_per_core": steps_per_sec * self.batch_size / jax.device_count(),
+            "examples_per_sec": examples_per_sec,
+            "examples_per_sec_per_core": examples_per_sec / jax.device_count(),
             "core_hours": self.core_hours, "eta_seconds": eta}
 
 

@@ -50,6 +50,12 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
   return data or mesh.axis_names[:1]
 
 
+def batch_divisor(mesh: Mesh) -> int:
+  """What a global batch size must be a multiple of: the data-axis devices and processes."""
+  data_devices = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+  return int(np.lcm(data_devices, jax.process_count()))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over the data axes, the rest replicated."""
   return NamedSharding(mesh, P(batch_axes(mesh)))

@@ -231,7 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config.input.data, config.input.pp, batch_size, seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=config.input.get("num_threads", 2),
-      prefetch=config.input.get("prefetch", 2), packing=config.input.get("packing"))
+      prefetch=config.input.get("prefetch", 2), packing=config.input.get("packing"),
+      multiscale=config.input.get("multiscale"),
+      batch_multiple=config_lib.multiscale_batch_multiple(config))
   batch_spec = peek_batch_spec(train_iter, batch_size)
 
   training = build_training(config, task, mesh, batch_spec)
@@ -261,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total_steps = config.total_steps
   log_every = config.get("log_training_steps", 50)
   ckpt_every = config.get("ckpt_steps")
-  throughput = metrics_lib.Throughput(total_steps, batch_size, start_step)
+  throughput = metrics_lib.Throughput(total_steps, start_step)
   last_metrics: dict[str, float] = {}
   end_step = total_steps if stop_after_steps is None else min(
       total_steps, start_step + stop_after_steps)
@@ -284,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     while step < end_step and not stop.received:
       step += 1
       batch = sharding.global_batch(next(train_iter), mesh)
+      throughput.count(len(jax.tree.leaves(batch)[0]))
       with jax.transfer_guard("disallow"):
         state, step_metrics = train_step(state, batch)
       if pending is not None:  # Check the previous step while this one runs.
@@ -317,22 +320,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
                state_shardings: dict[str, Any]) -> dict[str, Any]:
-  """Replaces the fresh params by those of another run or an imported checkpoint."""
+  """Replaces the fresh params (and BatchNorm statistics etc.) by those of another run or
+  an imported checkpoint; `init_skip` regexes keep matching entries fresh."""
   path = config.init_from
   name, _ = checkpointing.read_run_model(path)
   if name is not None and name != config.model_name:
     raise ValueError(f"Config field 'init_from': {path} holds model_name={name!r}, the config "
                      f"asks for {config.model_name!r}.")
-  loaded = checkpointing.load_params(path)
+  loaded = checkpointing.load_variables(path)
+  skip = config.get("init_skip") or ()
   init_params = jax.device_get(state["params"])
   module = models.get(config.model_name)
+  loaded_params = loaded.pop("params")
   if hasattr(module, "load"):
-    loaded = module.load(init_params, loaded, config.model.to_dict())
-  params = checkpointing.merge_init_params(init_params, loaded, config.get("init_skip") or (),
-                                           path)
+    loaded_params = module.load(init_params, loaded_params, config.model.to_dict())
+  params = checkpointing.merge_init_params(init_params, loaded_params, skip, path)
+  extra = dict(jax.device_get(state["extra"]))
+  for collection, values in extra.items():
+    if collection in loaded:
+      extra[collection] = checkpointing.merge_init_params(values, loaded[collection], skip,
+                                                          f"{path} ({collection})")
+    else:
+      logging.warning("init_from %s has no %r collection; it keeps its initial values.", path,
+                      collection)
   logging.info("Initialised params from %s (%s).", path, name or "unknown model")
   params = jax.device_put(params, state_shardings["params"])
-  state = dict(state, params=params)
+  state = dict(state, params=params,
+               extra=jax.device_put(extra, state_shardings["extra"]))
   if "ema_params" in state:
     state["ema_params"] = params
   return state

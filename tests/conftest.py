@@ -1,5 +1,11 @@
-"""Test set-up: 8 virtual CPU devices (set before jax is imported) and the `slow` marker."""
+"""Test set-up: 8 virtual CPU devices (set before jax is imported), the `slow` marker and
+the live timm references."""
+import importlib.util
 import os
+import subprocess
+import sys
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
@@ -9,3 +15,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long end-to-end test, excluded from the default CI "
                           "run (`-m 'not slow'`).")
+
+
+@pytest.fixture(scope="session")
+def timm_live_dir(tmp_path_factory):
+  """tests/make_timm_reference.py run now with a new seed, in a subprocess (torch stays out
+  of the test process, which may also hold TensorFlow); skips when timm is missing."""
+  if importlib.util.find_spec("timm") is None or importlib.util.find_spec("torch") is None:
+    pytest.skip("timm/torch not installed, so no live comparison; the saved references in "
+                "tests/data/timm still cover the conversions. Install with: pip install "
+                "torch==2.14.1 torchvision==0.29.1 timm")
+  out = tmp_path_factory.mktemp("timm_live")
+  script = os.path.join(os.path.dirname(__file__), "make_timm_reference.py")
+  subprocess.run([sys.executable, script, "--out", str(out), "--seed", "3"], check=True,
+                 capture_output=True, timeout=900)
+  return str(out)

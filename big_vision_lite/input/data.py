@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
+from big_vision_lite.input import multiscale as multiscale_lib
 from big_vision_lite.input import packing as packing_lib
 from big_vision_lite.input import pp as pp_lib
 from big_vision_lite.input import shapes
@@ -112,13 +113,17 @@ def _train_stream(data: Mapping[str, Any], seed: int,
 def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int, *,
                         seed: int, process_index: int = 0, process_count: int = 1,
                         num_threads: int = 2, prefetch: int = 2,
-                        packing: Mapping[str, Any] | None = None) -> Any:
+                        packing: Mapping[str, Any] | None = None,
+                        multiscale: Mapping[str, Any] | None = None,
+                        batch_multiple: int = 1) -> Any:
   """Endless iterator of this process's rows of each global batch (dicts of numpy arrays).
 
   Deterministic given `seed`; `get_state()` returns a JSON-ready dict and `set_state(state)`
   on a fresh iterator of the same arguments continues with exactly the same batches.
   With `packing` (see `packing.py`), rows are packed sequences of several images; each
-  process then packs its own share of the image stream.
+  process then packs its own share of the image stream. With `multiscale` (see
+  `multiscale.py`), each step has its own resolution and a batch size that is a multiple
+  of `batch_multiple`.
   """
   local = _local_batch_size(global_batch_size, process_count)
   preprocess = pp_lib.get_preprocess_fn(pp)
@@ -130,6 +135,10 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
         lambda i: stream[i * process_count + process_index])  # This process's images.
     return packing_lib.PackedTrainIterator(images, local, packing, options)
   stream = _train_stream(data, seed, lambda ex, rng: _check_arrays(preprocess(ex, rng)))
+  if multiscale:
+    schedule = multiscale_lib.Schedule(multiscale, global_batch_size, batch_multiple, seed)
+    return multiscale_lib.make_train_iterator(stream, schedule, process_index, process_count,
+                                              _stack, options)
   offset = process_index * local
 
   def element(i: int) -> dict[str, np.ndarray]:  # Row i % local of local batch i // local.

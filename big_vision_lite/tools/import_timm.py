@@ -3,7 +3,8 @@ r"""Converts timm checkpoints to big_vision_lite parameters (no torch needed).
     python -m big_vision_lite.tools.import_timm --name vit_small_patch16_224 \
         --weights model.safetensors --workdir DIR
 
-writes `DIR/params` (orbax, `{"params": ...}`) and `DIR/model.json`
+writes `DIR/params` (orbax, `{"params": ...}` plus `batch_stats` for BatchNorm models) and
+`DIR/model.json`
 (`{"model_name": ..., "model": kwargs}`), the layout `--config.init_from=DIR` reads.
 `convert(timm_name, state_dict)` does the same in memory. State-dict values are numpy
 arrays named as in timm. `convert` dispatches on the name prefix through `CONVERTERS`;
@@ -187,11 +188,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def write_checkpoint(workdir: str, model_name: str, model_kwargs: dict[str, Any],
                      variables: dict[str, Any]) -> None:
-  """Writes `workdir/params` (orbax `{"params": ...}`) and `workdir/model.json`."""
+  """Writes `workdir/params` (orbax, every collection of `variables`) and `model.json`."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(workdir + "/params", {"params": variables["params"]}, force=True)
+  checkpointer.save(workdir + "/params", dict(variables), force=True)
   checkpointer.wait_until_finished()
   checkpointer.close()
   with open(os.path.join(workdir, "model.json"), "w") as f:
