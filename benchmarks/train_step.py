@@ -7,7 +7,13 @@ The step is the train loop's own jitted step (`train.build_training`) on one bat
 config's input pipeline, timed after compilation (input excluded). FLOPs per step come from
 XLA's cost analysis of the compiled step; MFU divides the achieved FLOP/s by the peak of a
 large matmul measured on the same machine in the same run, so the ratio holds on any host.
+With `--timm NAME` the same run also times timm's model NAME (forward, backward and AdamW
+in PyTorch, `benchmarks/timm_step.py`, in a subprocess) at the same batch size and
+resolution, and prints our images/s over timm's.
 """
+import json
+import os
+import subprocess
 import sys
 import time
 
@@ -27,6 +33,20 @@ from big_vision_lite.input import data as data_lib
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures peak.")
+flags.DEFINE_string("timm", None, "timm model to time on the same batch shape (needs torch).")
+
+
+def time_timm(name: str, batch_size: int, res: int, num_classes: int) -> dict[str, float]:
+  """images/s of timm's `name` from `benchmarks/timm_step.py`, run in a subprocess."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.timm_step", "--name", name, "--batch_size",
+       str(batch_size), "--res", str(res), "--num_classes", str(num_classes), "--steps",
+       str(flags.FLAGS.steps), "--warmup", str(flags.FLAGS.warmup)],
+      capture_output=True, text=True, cwd=repo, check=False)
+  if result.returncode:
+    raise RuntimeError(f"timm timing of {name!r} failed:\n{result.stderr[-2000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def measure_matmul_peak(size: int, dtype: jnp.dtype, repeats: int = 10) -> float:
@@ -99,6 +119,15 @@ def main(argv: list[str]) -> None:
       (f"matmul peak TFLOP/s ({dtype.name}, per device)", f"{peak_per_device / 1e12:.3f}"),
       ("MFU", f"{achieved / (peak_per_device * devices):.1%}"),
   ]
+  if flags.FLAGS.timm:
+    if input_key != "image":
+      raise app.UsageError("--timm compares plain image batches, not packed ones.")
+    timm = time_timm(flags.FLAGS.timm, batch_size, batch_spec["image"].shape[1],
+                     config.model.get("num_classes") or 10)
+    ours = images_per_step / seconds_per_step
+    rows += [(f"timm {flags.FLAGS.timm} params", f"{timm['params'] / 1e6:.2f} M"),
+             (f"timm {flags.FLAGS.timm} images/s (PyTorch)", f"{timm['images_per_sec']:.1f}"),
+             ("ours / timm", f"{ours / timm['images_per_sec']:.2f}")]
   width = max(len(k) for k, _ in rows)
   for key, value in rows:
     print(f"{key:<{width}}  {value}")
