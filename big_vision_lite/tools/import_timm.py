@@ -150,11 +150,356 @@ def convert_vit(timm_name: str, sd: StateDict) -> tuple[str, dict[str, Any], dic
   return "vit", kwargs, {"params": params}
 
 
+CONVNEXTV2_SIZES = ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "huge")
+CONVNEXTV2_PATTERN = re.compile(rf"^convnextv2_({'|'.join(CONVNEXTV2_SIZES)})(?:[_.]|$)")
+CONVNEXTV2_NAMES = f"convnextv2_{{{','.join(CONVNEXTV2_SIZES)}}}*"
+CONVNEXTV2_FAMILY = (f"{CONVNEXTV2_NAMES} with the 4x4 patch stem, 7x7 depth-wise convs, GRN "
+                     "(or none) and the pool-norm-fc head (no layer scale, overlapping stem, "
+                     "head MLP or norm_pre)")
+
+
+def convert_convnextv2(timm_name: str,
+                       sd: StateDict) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """timm ConvNeXt (`use_grn=True`, `ls_init_value=None`) -> `convnext2`.
+
+  Depths and widths come from the weights; the MLP may be Linear or 1x1 conv
+  (`conv_mlp=True`, atto..nano). Without `head.norm` (FCMAE weights) the head norm is the
+  identity, as timm leaves it.
+  """
+  if not CONVNEXTV2_PATTERN.match(timm_name):
+    raise ValueError(f"Unsupported timm ConvNeXt V2 name {timm_name!r}; supported: "
+                     f"{CONVNEXTV2_NAMES}.")
+
+  def conv(prefix: str, kernel_size: int) -> dict[str, np.ndarray]:
+    weight = sd.take(f"{prefix}.weight")  # [O, I/g, kh, kw]
+    if weight.shape[2:] != (kernel_size, kernel_size):
+      raise ValueError(f"{timm_name!r}: {prefix}.weight has shape {weight.shape}, expected a "
+                       f"{kernel_size}x{kernel_size} kernel; supported: {CONVNEXTV2_FAMILY}.")
+    return {"kernel": weight.transpose(2, 3, 1, 0), "bias": sd.take(f"{prefix}.bias")}
+
+  def pointwise(prefix: str) -> dict[str, np.ndarray]:
+    weight = sd.take(f"{prefix}.weight")  # Linear [out, in] or 1x1 conv [out, in, 1, 1].
+    return {"kernel": weight.reshape(weight.shape[:2]).T, "bias": sd.take(f"{prefix}.bias")}
+
+  params: dict[str, Any] = {"stem_conv": conv("stem.0", 4), "stem_norm": _layernorm(sd, "stem.1")}
+  use_grn = "stages.0.blocks.0.mlp.grn.weight" in sd
+  depths, dims = [], []
+  for stage in range(4):
+    if stage > 0:
+      params[f"downsample{stage}_norm"] = _layernorm(sd, f"stages.{stage}.downsample.0")
+      params[f"downsample{stage}_conv"] = conv(f"stages.{stage}.downsample.1", 2)
+    depth = 0
+    while f"stages.{stage}.blocks.{depth}.conv_dw.weight" in sd:
+      prefix = f"stages.{stage}.blocks.{depth}"
+      block = {"dwconv": conv(f"{prefix}.conv_dw", 7), "norm": _layernorm(sd, f"{prefix}.norm"),
+               "pwconv1": pointwise(f"{prefix}.mlp.fc1"),
+               "pwconv2": pointwise(f"{prefix}.mlp.fc2")}
+      if use_grn:
+        block["grn"] = {"gamma": sd.take(f"{prefix}.mlp.grn.weight").reshape(-1),
+                        "beta": sd.take(f"{prefix}.mlp.grn.bias").reshape(-1)}
+      params[f"stage{stage}_block{depth}"] = block
+      depth += 1
+    if not depth:
+      raise ValueError(f"timm state dict of {timm_name!r} has no stages.{stage}.blocks.0.* "
+                       "parameters.")
+    depths.append(depth)
+    dims.append(int(params[f"stage{stage}_block0"]["dwconv"]["kernel"].shape[-1]))
+  if "head.norm.weight" in sd:
+    params["head_norm"] = _layernorm(sd, "head.norm")
+  else:
+    params["head_norm"] = {"scale": np.ones(dims[-1], np.float32),
+                           "bias": np.zeros(dims[-1], np.float32)}
+  num_classes = 0
+  if "head.fc.weight" in sd:
+    params["head"] = _linear(sd, "head.fc")
+    num_classes = int(params["head"]["kernel"].shape[1])
+  sd.check_all_taken()
+  kwargs = dict(num_classes=num_classes, depths=depths, dims=dims, grn=use_grn)
+  return "convnext2", kwargs, {"params": params}
+
+
+MOBILEVIT_PATTERN = re.compile(r"^mobilevit_(xxs|xs|s)(?:[_.]|$)")
+MOBILEVIT2_PATTERN = re.compile(r"^mobilevitv2_(050|075|100|125|150|175|200)(?:[_.]|$)")
+MOBILEVIT_HEADS = 4  # timm's MobileVitBlock default; not recorded in the weights.
+MOBILEVIT_FAMILY = ("mobilevit_{xxs,xs,s}* and mobilevitv2_{050,075,100,125,150,175,200}* "
+                    "(timm byobnet, any width_factor; no SE blocks, no_fusion or extra heads)")
+
+
+def _conv_bn(sd: StateDict, prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """timm ConvNormAct (bias-free conv, BatchNorm) -> `mobilevit.ConvBN` params, batch_stats."""
+  if f"{prefix}.bn.num_batches_tracked" in sd:
+    sd.take(f"{prefix}.bn.num_batches_tracked")  # A counter with no use in eval mode.
+  kernel = sd.take(f"{prefix}.conv.weight").transpose(2, 3, 1, 0)  # [O, I/g, k, k] -> HWIO
+  return ({"conv": {"kernel": kernel}, "bn": _layernorm(sd, f"{prefix}.bn")},
+          {"bn": {"mean": sd.take(f"{prefix}.bn.running_mean"),
+                  "var": sd.take(f"{prefix}.bn.running_var")}})
+
+
+def _pointwise_conv(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:
+  """torch 1x1 Conv2d [out, in, 1, 1] with bias -> flax Dense {kernel [in, out], bias}."""
+  return {"kernel": sd.take(f"{prefix}.weight")[:, :, 0, 0].T,
+          "bias": sd.take(f"{prefix}.bias")}
+
+
+def _mobilevit_block(sd: StateDict, prefix: str, version: int
+                     ) -> tuple[dict[str, Any], dict[str, Any], int, list[int]]:
+  """timm MobileVitBlock / MobileVitV2Block -> (params, batch_stats, transformer width,
+  MLP hidden width of each transformer layer)."""
+  params, stats = {}, {}
+  params["local_conv"], stats["local_conv"] = _conv_bn(sd, f"{prefix}.conv_kxk")
+  params["local_proj"] = {
+      "kernel": sd.take(f"{prefix}.conv_1x1.weight").transpose(2, 3, 1, 0)}
+  width = params["local_proj"]["kernel"].shape[-1]
+  hidden = []
+  while f"{prefix}.transformer.{len(hidden)}.norm1.weight" in sd:
+    layer = f"{prefix}.transformer.{len(hidden)}"
+    if version == 2:
+      qkv = _pointwise_conv(sd, f"{layer}.attn.qkv_proj")  # [D, 1 + 2D]: score, key, value
+      parts = np.split(np.arange(1 + 2 * width), [1, 1 + width])
+      attention = {name: {"kernel": qkv["kernel"][:, part], "bias": qkv["bias"][part]}
+                   for name, part in zip(("score", "key", "value"), parts)}
+      attention["out"] = _pointwise_conv(sd, f"{layer}.attn.out_proj")
+      mlp = {"Dense_0": _pointwise_conv(sd, f"{layer}.mlp.fc1"),
+             "Dense_1": _pointwise_conv(sd, f"{layer}.mlp.fc2")}
+    else:
+      attention = _vit_attention(sd, f"{layer}.attn", MOBILEVIT_HEADS, width)
+      mlp = {"Dense_0": _linear(sd, f"{layer}.mlp.fc1"),
+             "Dense_1": _linear(sd, f"{layer}.mlp.fc2")}
+    params[f"transformer_{len(hidden)}"] = {
+        "norm1": _layernorm(sd, f"{layer}.norm1"), "attention": attention,
+        "norm2": _layernorm(sd, f"{layer}.norm2"), "mlp": mlp}
+    hidden.append(mlp["Dense_0"]["kernel"].shape[1])
+  if not hidden:
+    raise ValueError(f"timm state dict of {sd.timm_name!r} has no {prefix}.transformer.0.* "
+                     f"parameters; supported: {MOBILEVIT_FAMILY}.")
+  params["transformer_norm"] = _layernorm(sd, f"{prefix}.norm")
+  params["proj"], stats["proj"] = _conv_bn(sd, f"{prefix}.conv_proj")
+  if version == 1:
+    params["fusion"], stats["fusion"] = _conv_bn(sd, f"{prefix}.conv_fusion")
+  return params, stats, width, hidden
+
+
+def convert_mobilevit(timm_name: str,
+                      sd: StateDict) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """timm byobnet MobileViT v1 / v2 -> `mobilevit` / `mobilevit2`, params and batch_stats.
+
+  Widths, depths, MV2 expansion and MLP ratio come from the weights (so models made with a
+  timm `width_factor` convert too); the kwargs name the variant of `timm_name` and override
+  only the architecture fields that differ from it.
+  """
+  from big_vision_lite.models import mobilevit, mobilevit2  # pylint: disable=g-import-not-at-top
+  version = 2 if timm_name.startswith("mobilevitv2_") else 1
+  match = (MOBILEVIT2_PATTERN if version == 2 else MOBILEVIT_PATTERN).match(timm_name)
+  if not match:
+    raise ValueError(f"Unsupported timm MobileViT name {timm_name!r}; supported: "
+                     f"{MOBILEVIT_FAMILY}.")
+  if version == 2:
+    model_name, variant = "mobilevit2", match.group(1)
+    base = mobilevit2.architecture(mobilevit2.VARIANTS[variant])
+  else:
+    model_name, variant = "mobilevit", match.group(1).upper()
+    base = mobilevit.VARIANTS[variant]
+  params, stats = {}, {}
+  params["stem"], stats["stem"] = _conv_bn(sd, "stem")
+  arch: dict[str, Any] = dict(stem_width=params["stem"]["conv"]["kernel"].shape[-1], widths=[],
+                              mv2_depths=[], transformer_widths=[], transformer_depths=[])
+  in_width, expanded, vit_stages, mlp_hidden = arch["stem_width"], [], [], []
+  for stage in range(len(mobilevit.STRIDES)):
+    depth = 0
+    while f"stages.{stage}.{depth}.conv1_1x1.conv.weight" in sd:
+      block, block_stats = {}, {}
+      for ours, theirs in (("expand", "conv1_1x1"), ("depthwise", "conv2_kxk"),
+                           ("project", "conv3_1x1")):
+        block[ours], block_stats[ours] = _conv_bn(sd, f"stages.{stage}.{depth}.{theirs}")
+      expanded.append((in_width, block["expand"]["conv"]["kernel"].shape[-1]))
+      in_width = block["project"]["conv"]["kernel"].shape[-1]
+      params[f"stage{stage}_mv2_{depth}"], stats[f"stage{stage}_mv2_{depth}"] = block, block_stats
+      depth += 1
+    if not depth:
+      raise ValueError(f"timm state dict of {timm_name!r} has no stages.{stage}.0.conv1_1x1.* "
+                       f"parameters (an MV2 block); supported: {MOBILEVIT_FAMILY}.")
+    arch["widths"].append(in_width)
+    arch["mv2_depths"].append(depth)
+    if f"stages.{stage}.{depth}.conv_kxk.conv.weight" in sd:
+      name = f"stage{stage}_mobilevit"
+      params[name], stats[name], width, hidden = _mobilevit_block(
+          sd, f"stages.{stage}.{depth}", version)
+      arch["transformer_widths"].append(width)
+      arch["transformer_depths"].append(len(hidden))
+      mlp_hidden += [(width, h) for h in hidden]
+      vit_stages.append(stage)
+  first_vit = len(mobilevit.STRIDES) - len(vit_stages)
+  if not vit_stages or vit_stages != list(range(first_vit, len(mobilevit.STRIDES))):
+    raise ValueError(f"{timm_name!r} has MobileViT blocks in stages {vit_stages}; supported: "
+                     f"the last stages only ({MOBILEVIT_FAMILY}).")
+  expansions = [ratio for ratio in sorted({h / w for w, h in expanded})
+                if all(mobilevit.make_divisible(w * ratio) == h for w, h in expanded)]
+  mlp_ratios = [ratio for ratio in sorted({h / w for w, h in mlp_hidden})
+                if all(int(w * ratio) == h for w, h in mlp_hidden)]
+  if not expansions or not mlp_ratios:
+    raise ValueError(f"{timm_name!r} mixes MV2 expansions {expanded} or MLP ratios "
+                     f"{mlp_hidden} (as (in, hidden) widths); supported: one of each.")
+  arch["expansion"] = base["expansion"] if base["expansion"] in expansions else expansions[0]
+  mlp_ratio = 2.0 if 2.0 in mlp_ratios else mlp_ratios[0]  # The models' default.
+  if version == 1:
+    arch["final_width"] = 0
+    if "final_conv.conv.weight" in sd:
+      params["final_conv"], stats["final_conv"] = _conv_bn(sd, "final_conv")
+      arch["final_width"] = params["final_conv"]["conv"]["kernel"].shape[-1]
+  num_classes = 0
+  if "head.fc.weight" in sd:
+    params["head"] = _linear(sd, "head.fc")
+    num_classes = int(params["head"]["kernel"].shape[1])
+  sd.check_all_taken()
+  kwargs: dict[str, Any] = dict(num_classes=num_classes, variant=variant)
+  for field, value in arch.items():
+    if value != (list(base[field]) if isinstance(base[field], tuple) else base[field]):
+      kwargs[field] = value
+  if mlp_ratio != 2.0:
+    kwargs["mlp_ratio"] = mlp_ratio
+  return model_name, kwargs, {"params": params, "batch_stats": stats}
+
+
+EFFICIENTVIT_PATTERN = re.compile(r"^efficientvit_m[0-5](?:[_.]|$)")
+EFFICIENTVIT_NAMES = "efficientvit_m{0,1,2,3,4,5}"
+EFFICIENTVIT_FAMILY = (f"{EFFICIENTVIT_NAMES} (timm's efficientvit_msra: BN + linear head or "
+                       "none; widths, depths, heads, key dims, Q kernels and windows are read "
+                       "from the weights)")
+
+
+def convert_efficientvit(timm_name: str,
+                         sd: StateDict) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """timm EfficientViTMSRA -> `efficientvit`, with BatchNorm statistics in `batch_stats`.
+
+  Each stage's window is the side r of its attention-bias table (r·r offsets), which is
+  timm's min(window_size, stage resolution); the index buffers `attention_bias_idxs` are
+  checked against |dy|·r + |dx| and the tables reshaped to [heads, r, r].
+  """
+  from big_vision_lite.models import efficientvit  # pylint: disable=import-outside-toplevel
+  if not EFFICIENTVIT_PATTERN.match(timm_name):
+    raise ValueError(f"Unsupported timm EfficientViT name {timm_name!r}; supported: "
+                     f"{EFFICIENTVIT_NAMES}.")
+  params: dict[str, np.ndarray] = {}  # "/"-joined path -> array, nested at the end.
+  stats: dict[str, np.ndarray] = {}
+
+  def batch_norm(ours: str, theirs: str) -> None:
+    params[f"{ours}/scale"] = sd.take(f"{theirs}.weight")
+    params[f"{ours}/bias"] = sd.take(f"{theirs}.bias")
+    stats[f"{ours}/mean"] = sd.take(f"{theirs}.running_mean")
+    stats[f"{ours}/var"] = sd.take(f"{theirs}.running_var")
+    if f"{theirs}.num_batches_tracked" in sd:
+      sd.take(f"{theirs}.num_batches_tracked")
+
+  def conv_bn(ours: str, theirs: str) -> np.ndarray:
+    weight = sd.take(f"{theirs}.conv.weight")  # [O, I/g, kh, kw]
+    params[f"{ours}/conv/kernel"] = weight.transpose(2, 3, 1, 0)  # HWIO
+    batch_norm(f"{ours}/bn", f"{theirs}.bn")
+    return weight
+
+  def ffn(ours: str, theirs: str) -> None:
+    conv_bn(f"{ours}/pw1", f"{theirs}.pw1")
+    conv_bn(f"{ours}/pw2", f"{theirs}.pw2")
+
+  def attention(ours: str, theirs: str) -> tuple[int, int, int, list[int]]:
+    """Converts one cascaded group attention; returns (heads, key_dim, window, kernels)."""
+    kernels = []
+    while f"{theirs}.qkvs.{len(kernels)}.conv.weight" in sd:
+      head = len(kernels)
+      conv_bn(f"{ours}/qkv_{head}", f"{theirs}.qkvs.{head}")
+      kernels.append(int(conv_bn(f"{ours}/dw_{head}", f"{theirs}.dws.{head}").shape[-1]))
+    if not kernels:
+      raise ValueError(f"timm state dict of {timm_name!r} has no {theirs}.qkvs.0.* parameters.")
+    key_dim = int(params[f"{ours}/dw_0/conv/kernel"].shape[-1])
+    biases = sd.take(f"{theirs}.attention_biases")  # [heads, r·r]
+    window = int(round(np.sqrt(biases.shape[1])))
+    if biases.shape != (len(kernels), window * window):
+      raise ValueError(f"{timm_name!r}: {theirs}.attention_biases has shape {biases.shape}, "
+                       f"not [{len(kernels)} heads, r·r offsets].")
+    expected = efficientvit.offset_index(window, window)
+    if f"{theirs}.attention_bias_idxs" in sd:
+      idxs = sd.take(f"{theirs}.attention_bias_idxs")
+      if idxs.shape != expected.shape or not np.array_equal(idxs, expected):
+        raise ValueError(f"{timm_name!r}: {theirs}.attention_bias_idxs is not timm's "
+                         f"|dy|·{window} + |dx| layout of a {window}x{window} window.")
+    params[f"{ours}/attention_biases"] = biases.reshape(len(kernels), window, window)
+    conv_bn(f"{ours}/proj", f"{theirs}.proj.1")
+    return len(kernels), key_dim, window, kernels
+
+  for i in range(1, 5):
+    conv_bn(f"stem/conv{i}", f"patch_embed.conv{i}")
+  hp: dict[str, list[int]] = {k: [] for k in ("embed_dim", "depth", "num_heads", "key_dim",
+                                               "window_size")}
+  kernels: list[int] = []
+  stage = 0
+  while f"stages.{stage}.blocks.0.dw0.m.conv.weight" in sd:
+    ours, theirs = f"stage{stage}", f"stages.{stage}"
+    if stage:
+      down, tdown = f"{ours}/downsample", f"{theirs}.downsample"
+      conv_bn(f"{down}/res1_dw", f"{tdown}.res1.0.m")
+      ffn(f"{down}/res1_ffn", f"{tdown}.res1.1.m")
+      for i in range(1, 4):
+        conv_bn(f"{down}/patch_merge/conv{i}", f"{tdown}.patchmerge.conv{i}")
+      for fc in ("fc1", "fc2"):
+        weight = sd.take(f"{tdown}.patchmerge.se.{fc}.weight")  # [O, I, 1, 1]
+        params[f"{down}/patch_merge/se/{fc}/kernel"] = weight.transpose(2, 3, 1, 0)
+        params[f"{down}/patch_merge/se/{fc}/bias"] = sd.take(f"{tdown}.patchmerge.se.{fc}.bias")
+      conv_bn(f"{down}/res2_dw", f"{tdown}.res2.0.m")
+      ffn(f"{down}/res2_ffn", f"{tdown}.res2.1.m")
+    depth = 0
+    while f"{theirs}.blocks.{depth}.dw0.m.conv.weight" in sd:
+      block, tblock = f"{ours}/block{depth}", f"{theirs}.blocks.{depth}"
+      width = conv_bn(f"{block}/dw0", f"{tblock}.dw0.m").shape[0]
+      ffn(f"{block}/ffn0", f"{tblock}.ffn0.m")
+      heads, key_dim, window, head_kernels = attention(f"{block}/mixer/attn",
+                                                       f"{tblock}.mixer.m.attn")
+      conv_bn(f"{block}/dw1", f"{tblock}.dw1.m")
+      ffn(f"{block}/ffn1", f"{tblock}.ffn1.m")
+      shared = min(len(kernels), len(head_kernels))
+      if kernels[:shared] != head_kernels[:shared]:
+        raise ValueError(f"{timm_name!r}: Q kernel sizes {head_kernels} of {tblock} differ from "
+                         f"{kernels} elsewhere; the model shares one list across stages.")
+      kernels = kernels + head_kernels[len(kernels):]
+      depth += 1
+    hp["embed_dim"].append(int(width))
+    hp["depth"].append(depth)
+    hp["num_heads"].append(heads)
+    hp["key_dim"].append(key_dim)
+    hp["window_size"].append(window)
+    stage += 1
+  if not stage:
+    raise ValueError(f"timm state dict of {timm_name!r} has no stages.0.blocks.0.* "
+                     "parameters.")
+  num_classes = 0
+  if "head.linear.weight" in sd:
+    batch_norm("head_norm", "head.bn")
+    head = _linear(sd, "head.linear")
+    params["head/kernel"], params["head/bias"] = head["kernel"], head["bias"]
+    num_classes = int(head["kernel"].shape[1])
+  sd.check_all_taken()
+
+  def nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+      *parents, leaf = path.split("/")
+      node = tree
+      for name in parents:
+        node = node.setdefault(name, {})
+      node[leaf] = value
+    return tree
+
+  kwargs = dict(num_classes=num_classes, **hp, kernels=kernels)
+  return "efficientvit", kwargs, {"params": nest(params), "batch_stats": nest(stats)}
+
+
 Converter = Callable[[str, StateDict], tuple[str, dict[str, Any], dict[str, Any]]]
 
 # timm name prefix -> (converter, description of what it accepts); longest prefix wins.
 CONVERTERS: dict[str, tuple[Converter, str]] = {
     "vit_": (convert_vit, VIT_FAMILY),
+    "efficientvit_m": (convert_efficientvit, EFFICIENTVIT_FAMILY),
+    "convnextv2_": (convert_convnextv2, CONVNEXTV2_FAMILY),
+    "mobilevit_": (convert_mobilevit, MOBILEVIT_FAMILY),
+    "mobilevitv2_": (convert_mobilevit, MOBILEVIT_FAMILY),
 }
 
 
