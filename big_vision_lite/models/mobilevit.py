@@ -102,6 +102,7 @@ def check_common_fields(patch_size: int, mlp_ratio: float, dropout: float,
 
 
 def check_images(images: jax.Array, what: str) -> None:
+  """Raises a ValueError unless `images` are float NHWC [B, H, W, 3]."""
   if (images.ndim != 4 or images.shape[-1] != 3
       or not jnp.issubdtype(images.dtype, jnp.floating)):
     raise ValueError(f"{what} expects float NHWC images [B, H, W, 3], got {images.dtype} "
