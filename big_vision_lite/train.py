@@ -323,14 +323,15 @@ def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
   """Replaces the fresh params (and BatchNorm statistics etc.) by those of another run or
   an imported checkpoint; `init_skip` regexes keep matching entries fresh."""
   path = config.init_from
+  module = models.get(config.model_name)
   name, _ = checkpointing.read_run_model(path)
-  if name is not None and name != config.model_name:
-    raise ValueError(f"Config field 'init_from': {path} holds model_name={name!r}, the config "
-                     f"asks for {config.model_name!r}.")
+  accepted = (config.model_name,) + tuple(getattr(module, "LOADS_FROM", ()))
+  if name is not None and name not in accepted:
+    raise ValueError(f"Config field 'init_from': {path} holds model_name={name!r}; a "
+                     f"{config.model_name!r} run loads {', '.join(map(repr, accepted))}.")
   loaded = checkpointing.load_variables(path)
   skip = config.get("init_skip") or ()
   init_params = jax.device_get(state["params"])
-  module = models.get(config.model_name)
   loaded_params = loaded.pop("params")
   if hasattr(module, "load"):
     loaded_params = module.load(init_params, loaded_params, config.model.to_dict())

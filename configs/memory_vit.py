@@ -1,14 +1,13 @@
 r"""Fine-tuning a ViT with learnable memory (Sandler et al. 2022): one new task per run.
 
   python -m big_vision_lite.train --config configs/vit.py --workdir /tmp/vit
-  python -m big_vision_lite.tools.concat_memory --inputs=/tmp/vit --out=/tmp/base
   python -m big_vision_lite.train \
-      --config configs/memory_vit.py:init_from=/tmp/base,recipe=memory,memory=5 \
+      --config configs/memory_vit.py:init_from=/tmp/vit,recipe=memory,memory=5 \
       --workdir /tmp/memory_vit
 
-concat_memory turns the `vit` run (or a timm import, `tools/import_timm.py`) into a
-memory_vit base (same params); `init_from` (the argument) reads the base's model fields
-from it and sets the `init_from` field. The run adds one task (a class token, `memory`
+`init_from` (the argument) is a `vit` run or import (`tools/import_timm.py`), or a
+memory_vit run or concatenation; the config reads the base's model fields from it and sets
+the `init_from` field. The run adds one task (a class token, `memory`
 tokens per layer and a `num_classes` head, under `task_{T}/`) to the base's tasks and
 trains what `recipe` names; the rest is frozen (`frozen_params`), so the original outputs
 stay unchanged bit for bit:
@@ -50,16 +49,12 @@ def _base_model(init_from: str, fresh: dict) -> dict:
   if not init_from:
     return fresh
   model_name, kwargs = checkpointing.read_run_model(init_from)
-  if model_name == "vit":
-    raise ValueError(
-        f"Config argument 'init_from': {init_from} holds a plain 'vit' checkpoint; the train "
-        "loop's init_from needs a memory_vit one. Convert it once (same params): python -m "
-        f"big_vision_lite.tools.concat_memory --inputs={init_from} --out=BASE and pass "
-        "init_from=BASE.")
-  if model_name != "memory_vit":
+  accepted = ("memory_vit",) + memory_vit.LOADS_FROM
+  if model_name not in accepted:
     raise ValueError(f"Config argument 'init_from': {init_from} holds model_name="
-                     f"{model_name!r}, not a memory_vit checkpoint (model.json or config.json).")
-  model = memory_vit.Model(**kwargs)
+                     f"{model_name!r}; it must be a {' or '.join(accepted)} checkpoint "
+                     "(model.json or config.json).")
+  model = memory_vit.Model(**kwargs)  # Every vit field has the same name in memory_vit.
   kwargs = dict(kwargs, task_classes=list(model.task_classes),
                 num_memory=list(model.memory_per_task()))
   kwargs.pop("train_task", None)

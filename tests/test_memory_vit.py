@@ -14,6 +14,7 @@ import pytest
 from big_vision_lite import checkpointing
 from big_vision_lite import models
 from big_vision_lite import optimizer as optimizer_lib
+from big_vision_lite import tasks
 from big_vision_lite import train
 from big_vision_lite import utils
 from big_vision_lite.models import memory_vit
@@ -294,6 +295,17 @@ def test_bad_config_arguments(arg, match):
     memory_config.get_config(arg)
 
 
+def test_headless_base_and_foreign_checkpoints_are_checked(tmp_path):
+  """A base without an original head (base_classes=0) trains its new task's head; init_from
+  names the model names it accepts."""
+  config = memory_config.get_config("base_classes=0")
+  assert config.model.num_classes == 0 and config.model.task_classes == [10]
+  tasks.REGISTRY.get(config.task).validate_config(config)
+  import_timm.write_checkpoint(str(tmp_path), "deepvit", dict(TINY), {"params": {}})
+  with pytest.raises(ValueError, match="memory_vit or vit checkpoint"):
+    memory_config.get_config(f"init_from={tmp_path}")
+
+
 def test_config_trains_memory_on_a_fresh_base(tmp_path):
   """The default recipe (memory, class token and head; the fresh base frozen) fits 64
   training images within 50 steps."""
@@ -314,9 +326,11 @@ def test_checkpoint_dirs_config_and_concatenation(tmp_path):
   vit_dir, base_dir, task_dir = (str(tmp_path / n) for n in ("vit", "base", "task"))
   import_timm.write_checkpoint(vit_dir, "vit", dict(TINY, num_classes=10), {"params": base})
   assert concat_memory.concat_to_dir([vit_dir], base_dir)["task_classes"] == []
-  with pytest.raises(ValueError, match="concat_memory"):
-    memory_config.get_config(f"init_from={vit_dir}")
   config = memory_config.get_config(f"init_from={base_dir},memory=2,num_classes=4")
+  from_vit = memory_config.get_config(f"init_from={vit_dir},memory=2,num_classes=4")
+  arch = lambda c: memory_vit.Model(**c.model).hparams()
+  assert arch(from_vit) == arch(config)
+  assert from_vit.model.task_classes == [4] and from_vit.model.num_memory == [2]
   assert config.model_name == "memory_vit" and config.init_from == base_dir
   assert config.model.task_classes == [4] and config.model.num_memory == [2]
   model = memory_vit.Model(**config.model)
@@ -339,15 +353,14 @@ def test_checkpoint_dirs_config_and_concatenation(tmp_path):
 
 @pytest.mark.slow
 def test_vit_checkpoint_to_memory_run_to_concatenation(tmp_path):
-  """vit import dir -> memory_vit base -> recipe "memory" run via init_from -> the run
-  concatenated with itself; the base stays bit-identical through real train steps."""
+  """vit import dir -> recipe "memory" run via init_from (the plain vit checkpoint) -> the
+  run concatenated with itself and the converted base; the base stays bit-identical
+  through real train steps."""
   plain, base = vit_params(seed=9, num_classes=10)
   vit_dir, base_dir, run_dir = (str(tmp_path / n) for n in ("vit", "base", "run"))
   import_timm.write_checkpoint(vit_dir, "vit", dict(TINY, num_classes=10), {"params": base})
   concat_memory.concat_to_dir([vit_dir], base_dir)
-  with pytest.raises(ValueError, match="concat_memory"):
-    memory_config.get_config(f"init_from={vit_dir}")
-  config = memory_config.get_config(f"init_from={base_dir},memory=2,total_steps=2,"
+  config = memory_config.get_config(f"init_from={vit_dir},memory=2,total_steps=2,"
                                     "batch_size=8")
   assert config.model.task_classes == [10] and config.model.width == 32
   config.mesh = [("data", 1)]

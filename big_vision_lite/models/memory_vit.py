@@ -32,6 +32,7 @@ from big_vision_lite.models import vit
 
 POOL_TYPES = ("tok", "gap", "map")
 TASK_PREFIX = "task_"
+LOADS_FROM = ("vit",)  # Other models whose checkpoints `load` takes (init_from).
 
 
 def task_name(index: int) -> str:

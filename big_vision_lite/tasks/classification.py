@@ -27,9 +27,10 @@ def validate_loss(config: ml_collections.ConfigDict) -> None:
   loss = config.get("loss", "softmax_xent")
   if loss not in LOSSES:
     raise ValueError(f"Config field 'loss' must be one of {', '.join(LOSSES)}, got {loss!r}.")
-  if not config.get("model", {}).get("num_classes"):
-    raise ValueError(f"Config field 'model.num_classes' must be set (> 0) for the "
-                     f"{config.task} task.")
+  model = config.get("model", {})
+  if not (model.get("num_classes") or model.get("task_classes")):
+    raise ValueError(f"Config field 'model.num_classes' (or 'model.task_classes' for a model "
+                     f"with several heads) must be set (> 0) for the {config.task} task.")
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, kind: str | None
