@@ -74,12 +74,13 @@ def test_deep_config_trains(tmp_path):
 
 
 def test_collapse_similarity_is_one_for_equal_layers_and_plot_is_written(tmp_path):
-  from big_vision_lite.tools import attention_collapse  # pylint: disable=g-import-not-at-top
+  from big_vision_lite.tools import attention_collapse, plot  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)
   same = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 3, 5, 5))), -1)
   other = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 3, 5, 5))), -1)
   sims = attention_collapse.layer_similarity([same, same, other])
   np.testing.assert_allclose(sims[0], 1.0, atol=1e-5)
   assert abs(sims[1]) < 0.5
-  attention_collapse.draw({"vit": sims, "deepvit": sims[::-1]}, str(tmp_path / "c.png"))
+  plot.line_plot({"vit": sims, "deepvit": sims[::-1]}, str(tmp_path / "c.png"), title="t",
+                 xlabel="layer")
   assert (tmp_path / "c.png").stat().st_size > 1000

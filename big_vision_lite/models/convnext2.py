@@ -23,7 +23,7 @@ The expanded MLP features (the input of `pwconv2`) are sown as "mlp_hidden" in t
 "intermediates" collection (`apply(..., mutable=["intermediates"])`) for the
 feature-collapse analysis.
 """
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,8 @@ DWCONV_IMPLS = ("auto", "conv", "shifted")
 LAYERNORM_EPS = 1e-6  # As timm and the official code.
 GRN_EPS = 1e-6
 KERNEL_INIT = nn.initializers.truncated_normal(0.02)
+HEAD_PARAMS = ("head_norm", "head")
+LOADS_FROM = ("fcmae",)  # init_from also takes an FCMAE pre-training run (see `load`).
 
 
 def grn(x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float = GRN_EPS) -> jax.Array:
@@ -245,3 +247,15 @@ class Model(nn.Module):
       x = nn.Dense(self.num_classes, kernel_init=init, name="head")(x)  # [B, classes]
     aux["logits"] = x
     return x, aux
+
+
+def load(init_params: Mapping[str, Any], loaded_params: Mapping[str, Any],
+         model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """Adapts an FCMAE checkpoint to this classifier: its `encoder/` params, with `head_norm`
+  and `head` from `init_params` (pre-training never trains them); others pass through."""
+  del model_kwargs
+  if "encoder" not in loaded_params:
+    return dict(loaded_params)
+  params = {k: v for k, v in loaded_params["encoder"].items() if k not in HEAD_PARAMS}
+  params.update({k: v for k, v in init_params.items() if k in HEAD_PARAMS})
+  return params

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from PIL import Image, ImageDraw
 
 from big_vision_lite import checkpointing
 from big_vision_lite import models
 from big_vision_lite.input import data as data_lib
+from big_vision_lite.tools import plot
 
 flags.DEFINE_string("vit_workdir", None, "Run or import dir of a ViT (else a fresh one).")
 flags.DEFINE_string("deepvit_workdir", None, "Run dir of a DeepViT (else a fresh one).")
@@ -60,27 +60,6 @@ def _model(name: str, workdir: str | None, images: jax.Array) -> tuple[Any, dict
   return model, model.init(jax.random.key(0), images)
 
 
-def draw(curves: dict[str, np.ndarray], path: str) -> None:
-  """Line plot of similarity (0..1) per layer, one colour per curve, with a legend."""
-  width, height, margin = 640, 400, 50
-  image = Image.new("RGB", (width, height), "white")
-  pen = ImageDraw.Draw(image)
-  pen.rectangle((margin, margin, width - margin, height - margin), outline="black")
-  layers = max(len(c) for c in curves.values())
-  to_xy = lambda i, v: (margin + (width - 2 * margin) * i / max(layers - 1, 1),
-                        height - margin - (height - 2 * margin) * v)
-  for v in (0.0, 0.5, 1.0):
-    pen.text((8, to_xy(0, v)[1] - 6), f"{v:.1f}", fill="black")
-  pen.text((width // 2 - 90, height - 30), "layer l (vs l + 1)", fill="black")
-  pen.text((margin, 15), "attention similarity of adjacent layers", fill="black")
-  for (label, values), colour in zip(curves.items(), ("red", "blue")):
-    points = [to_xy(i, float(v)) for i, v in enumerate(values)]
-    pen.line(points, fill=colour, width=2)
-    pen.text((width - margin - 80, margin + 8 + 14 * list(curves).index(label)), label,
-             fill=colour)
-  image.save(path)
-
-
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
@@ -96,7 +75,8 @@ def main(argv: list[str]) -> None:
   for layer in range(max(len(c) for c in curves.values())):
     cells = [f"{c[layer]:8.3f}" if layer < len(c) else " " * 8 for c in curves.values()]
     print(f"{layer:>5}  " + "  ".join(cells))
-  draw(curves, f.out)
+  plot.line_plot(curves, f.out, title="attention similarity of adjacent layers",
+                  xlabel="layer l (vs l + 1)")
   print(f"wrote {f.out}")
 
 
