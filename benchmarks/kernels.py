@@ -130,6 +130,22 @@ def _compiled(fn, b: int, d: int):
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(spec, spec).compile()
 
 
+def _contrastive_row(kind: str, naive, chunked, b: int, dim: int, time_up_to: int,
+                     repeats: int) -> list[str]:
+  """One table row: compiled temporary memory of both losses and, up to time_up_to, times."""
+  naive_c, chunked_c = _compiled(naive, b, dim), _compiled(chunked, b, dim)
+  mem = [c.memory_analysis().temp_size_in_bytes / 2**20 for c in (naive_c, chunked_c)]
+  row = [kind, str(b), f"{mem[0]:.1f}", f"{mem[1]:.1f}", f"{mem[0] / mem[1]:.1f}"]
+  if b > time_up_to:
+    return row + ["-", "-", "-"]
+  rng = np.random.default_rng(0)
+  z = tuple(jnp.asarray(rng.normal(size=(b, dim)) / np.sqrt(dim), jnp.float32)
+            for _ in range(2))
+  by_name = _median_seconds({"naive": (naive_c, z), "chunked": (chunked_c, z)}, repeats)
+  secs = [by_name["naive"], by_name["chunked"]]
+  return row + [f"{secs[0] * 1e3:.1f}", f"{secs[1] * 1e3:.1f}", f"{secs[1] / secs[0]:.2f}"]
+
+
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
@@ -145,19 +161,10 @@ def main(argv: list[str]) -> None:
     chunked = lambda a, b, kind=kind, bias=bias: kernels.contrastive_loss(
         a, b, kind=kind, temperature=10.0, bias=bias, chunk_size=f.chunk)
     for b in map(int, f.sizes):
-      naive_c, chunked_c = _compiled(naive, b, f.dim), _compiled(chunked, b, f.dim)
-      mem = [c.memory_analysis().temp_size_in_bytes / 2**20 for c in (naive_c, chunked_c)]
-      row = [kind, str(b), f"{mem[0]:.1f}", f"{mem[1]:.1f}", f"{mem[0] / mem[1]:.1f}"]
-      if b <= f.time_up_to:
-        rng = np.random.default_rng(0)
-        z = tuple(jnp.asarray(rng.normal(size=(b, f.dim)) / np.sqrt(f.dim), jnp.float32)
-                  for _ in range(2))
-        by_name = _median_seconds({"naive": (naive_c, z), "chunked": (chunked_c, z)}, f.repeats)
-        secs = [by_name["naive"], by_name["chunked"]]
-        row += [f"{secs[0] * 1e3:.0f}", f"{secs[1] * 1e3:.0f}", f"{secs[1] / secs[0]:.2f}"]
-      else:
-        row += ["-", "-", "-"]
-      rows.append(row)
+      try:
+        rows.append(_contrastive_row(kind, naive, chunked, b, f.dim, f.time_up_to, f.repeats))
+      except Exception as e:  # E.g. out of memory: report and go on to the DCNv3 part.
+        print(f"{kind} B={b} failed: {type(e).__name__}: {str(e).strip()[:300]}")
   _print_table(list(header), rows)
   print("mem ratio = naive / chunked temporary memory; time ratio = chunked / naive.")
   benchmark_dcnv3(f.dcn_batch, f.repeats, [int(b) for b in f.dcn_block_sweep])
