@@ -150,7 +150,7 @@ def case_args(case):
               offset_scale=scale)
 
 
-# Shapes lowered for CUDA: (case, n, h, w, channels per group), the last InternImage-T's
+# Shapes lowered for CUDA: (case, n, h, w, channels per group); the last is InternImage-T's
 # first stage at 224 px (56 x 56, 64 channels in 4 groups).
 LOWERED = [(case, 2, 7, 6, CASES[case][5]) for case in sorted(CASES)] + [("3x3", 2, 56, 56, 16)]
 
