@@ -1,8 +1,9 @@
 """Kernels, each beside a pure-jnp reference with the same signature and a dispatcher.
 
 - `dcnv3` (dcnv3_core.py): InternImage's deformable aggregation, with the official layout and
-  semantics; a jnp reference and a Pallas kernel with a custom VJP (checked in interpret
-  mode; "auto" keeps the reference until the kernel has been compiled on a GPU).
+  semantics; a jnp reference and a Pallas (Triton, GPU-only) kernel with a custom VJP, tested
+  in interpret mode and lowered for CUDA on CPU; "auto" keeps the reference until GPU
+  timings favour the kernel.
 - `contrastive_loss` (contrastive.py): CLIP / SigLIP losses over the global batch, chunked
   with a recomputing custom VJP and, across devices, a `ppermute` ring.
 - `segment_attention` (packed_attention.py): NaViT's packed attention, JAX's Pallas

@@ -18,13 +18,17 @@ and likewise for y, bilinearly with zeros outside; H_out = (H + 2·pad_h −
 
 `impl`:
   "reference"  this file's jnp version, differentiated by JAX.
-  "pallas"     a Pallas kernel with a custom VJP (forward: gather, weight and sum; backward:
-               gradients for offset and mask per sampling point, and value by accumulating
-               into the (n, group) image block), tiled over `block_pixels` output pixels
-               per program and one group; float32 accumulation for any input dtype.
-  "interpret"  the Pallas kernel in interpret mode (tests on CPU).
-  "auto"       the reference. The kernel has been run only in interpret mode so far; it
-               becomes the default on GPU once it has been compiled and timed there.
+  "pallas"     a Pallas kernel for NVIDIA GPUs (Triton backend) with a custom VJP, one
+               program per block of output pixels of one (n, group) image. The padded image
+               stays in HBM: each program gathers the 4 bilinear corner rows of every
+               sampling point by pointer ([TM, K, C] per corner), weights and sums them
+               (forward); the backward kernel computes the offset and mask gradients per
+               point and adds each corner's value gradient atomically into a zeroed float32
+               image. K and the channels per group are zero-padded to powers of two, as
+               Triton needs; float32 accumulation for any input dtype. GPU only: it is not
+               written for TPU, and other backends raise.
+  "interpret"  the same kernel in Pallas interpret mode, on any backend (tests on CPU).
+  "auto"       the reference, until GPU timings show the kernel is faster.
 """
 import functools
 from typing import Sequence
@@ -32,8 +36,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
+_TILE_ELEMENTS = 4096  # Default cap on TM·K·C, the [TM, K, C] tile gathered per corner.
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -87,69 +93,76 @@ def _corners(y: jax.Array, x: jax.Array, h: int, w: int):
       yield index, wy * wx * inside, sign_y * wx * inside, sign_x * wy * inside
 
 
-def _forward_kernel(y_ref, x_ref, mask_ref, value_ref, out_ref, *, h: int, w: int):
-  """One (n, group, pixel block): out [TM, C] = Σ_k mask · bilinear(value, y, x)."""
+def _forward_kernel(y_ref, x_ref, mask_ref, image_ref, out_ref, *, h: int, w: int):
+  """One pixel block of one (n, group) image: out [TM, C] = Σ_k mask · bilinear(image, y, x)."""
+  base = pl.program_id(1) * (h * w)  # First row of this (n, group) image in the flat images.
   y, x, mask = y_ref[...], x_ref[...], mask_ref[...]  # [TM, K]
-  value = value_ref[...].astype(jnp.float32)  # [Hp·Wp, C]
-  tm, k = y.shape
-  out = jnp.zeros((tm, value.shape[1]), jnp.float32)
+  samples = jnp.zeros(y.shape + out_ref.shape[-1:], jnp.float32)  # [TM, K, C]
   for index, weight, _, _ in _corners(y, x, h, w):
-    rows = value[index.reshape(-1)].reshape(tm, k, -1)  # [TM, K, C]
-    out += jnp.einsum("mk,mkc->mc", mask * weight, rows)
-  out_ref[...] = out.astype(out_ref.dtype)
+    rows = image_ref[base + index, :].astype(jnp.float32)  # [TM, K, C], a pointer gather
+    samples += (mask * weight)[:, :, None] * rows
+  out_ref[...] = jnp.sum(samples, axis=1).astype(out_ref.dtype)  # [TM, C]
 
 
-def _backward_kernel(y_ref, x_ref, mask_ref, value_ref, grad_ref, dy_ref, dx_ref, dmask_ref,
-                     dvalue_ref, *, h: int, w: int):
-  """Gradients of one pixel block; d value accumulates over the pixel blocks of (n, g)."""
-  @pl.when(pl.program_id(2) == 0)
-  def _():
-    dvalue_ref[...] = jnp.zeros_like(dvalue_ref)
-
+def _backward_kernel(y_ref, x_ref, mask_ref, image_ref, grad_ref, zeros_ref, dy_ref, dx_ref,
+                     dmask_ref, dimage_ref, *, h: int, w: int, interpret: bool):
+  """Gradients of one pixel block; d image gets each corner's contribution added atomically
+  (dimage_ref aliases zeros_ref)."""
+  del zeros_ref
+  base = pl.program_id(1) * (h * w)
   y, x, mask = y_ref[...], x_ref[...], mask_ref[...]  # [TM, K]
-  value = value_ref[...].astype(jnp.float32)  # [Hp·Wp, C]
   grad = grad_ref[...].astype(jnp.float32)  # [TM, C]
-  tm, k = y.shape
-  d_y, d_x, d_mask = (jnp.zeros((tm, k), jnp.float32) for _ in range(3))
-  d_value = jnp.zeros_like(value)
+  d_y, d_x, d_mask = (jnp.zeros(y.shape, jnp.float32) for _ in range(3))
   for index, weight, weight_dy, weight_dx in _corners(y, x, h, w):
-    flat = index.reshape(-1)
-    rows = value[flat].reshape(tm, k, -1)  # [TM, K, C]
-    dot = jnp.einsum("mkc,mc->mk", rows, grad)  # d out / d (weight · mask) per point
+    rows = image_ref[base + index, :].astype(jnp.float32)  # [TM, K, C]
+    dot = jnp.sum(rows * grad[:, None, :], axis=2)  # [TM, K], d out / d (weight · mask)
     d_mask += weight * dot
     d_y += mask * weight_dy * dot
     d_x += mask * weight_dx * dot
-    contrib = (mask * weight)[..., None] * grad[:, None, :]  # [TM, K, C]
-    d_value = d_value.at[flat].add(contrib.reshape(tm * k, -1))
+    scale = mask * weight  # [TM, K], zero for padded points and corners outside the image
+    contrib = scale[:, :, None] * grad[:, None, :]  # [TM, K, C]
+    if interpret:  # The interpreter's atomic_add takes no mask and drops repeated rows.
+      jax.ref.addupdate(dimage_ref, (base + index, slice(None)), contrib)
+    else:  # Masked: dead points would all hit the same clipped rows.
+      live = jnp.broadcast_to((scale != 0)[:, :, None], contrib.shape)
+      plt.atomic_add(dimage_ref, (base + index, slice(None)), contrib, mask=live)
   dy_ref[...], dx_ref[...], dmask_ref[...] = d_y, d_x, d_mask
-  dvalue_ref[...] += d_value
 
 
-def _pallas_call(kernel, inputs, out_shapes, tm: int, interpret: bool):
-  """Grid (N, G, pixel blocks): [N, G, M, K] point arrays and [N, G, Hp·Wp, C] images."""
-  n, g, m, _ = inputs[0].shape
+def _num_warps(tile_elements: int) -> int:
+  """Warps for a [TM, K, C] tile: 16 elements per thread (the backward kernel then needs about
+  120 registers on sm_90, without spills), 1..8 warps."""
+  return max(1, min(8, tile_elements // (16 * 32)))
+
+
+def _pallas_call(kernel, inputs, out_shapes, tm: int, interpret: bool, aliases=None):
+  """Grid (pixel blocks, N·G): [N·G, M, ·] arrays are tiled by TM pixels; the flat
+  [N·G·Hp·Wp, C] images stay in HBM and are read and written by pointer gathers."""
+  ng, m, k = inputs[0].shape
+  channels = inputs[3].shape[1]
 
   def spec(shape):
-    if shape[2] == m:  # Per output pixel: tiled.
-      return pl.BlockSpec((None, None, tm, shape[3]), lambda i, j, b: (i, j, b, 0))
-    return pl.BlockSpec((None, None) + tuple(shape[2:]), lambda i, j, b: (i, j, 0, 0))
+    if len(shape) == 3:
+      return pl.BlockSpec((None, tm, shape[2]), lambda b, i: (i, b, 0))
+    return pl.BlockSpec(memory_space=pl.ANY)
 
+  params = plt.CompilerParams(num_warps=_num_warps(tm * k * channels), num_stages=1)
   return pl.pallas_call(
-      kernel, grid=(n, g, m // tm), in_specs=[spec(x.shape) for x in inputs],
+      kernel, grid=(m // tm, ng), in_specs=[spec(x.shape) for x in inputs],
       out_specs=[spec(s.shape) for s in out_shapes], out_shape=out_shapes,
-      interpret=interpret)(*inputs)
+      input_output_aliases=aliases or {}, compiler_params=params, interpret=interpret)(*inputs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _aggregate(y, x, mask, images, hw, tm, interpret, out_dtype):
-  """Pallas DCNv3 core on prepared inputs: y, x, mask [N, G, M, K]; images [N, G, Hp·Wp, C]."""
+  """Pallas DCNv3 core on prepared inputs: y, x, mask [N·G, M, K]; images [N·G·Hp·Wp, C]."""
   return _aggregate_fwd(y, x, mask, images, hw, tm, interpret, out_dtype)[0]
 
 
 def _aggregate_fwd(y, x, mask, images, hw, tm, interpret, out_dtype):
-  n, g, m, _ = y.shape
+  ng, m, _ = y.shape
   kernel = functools.partial(_forward_kernel, h=hw[0], w=hw[1])
-  out = jax.ShapeDtypeStruct((n, g, m, images.shape[3]), out_dtype)
+  out = jax.ShapeDtypeStruct((ng, m, images.shape[1]), out_dtype)
   (result,) = _pallas_call(kernel, (y, x, mask, images), [out], tm, interpret)
   return result, (y, x, mask, images)
 
@@ -158,37 +171,55 @@ def _aggregate_bwd(hw, tm, interpret, out_dtype, residuals, grad):
   del out_dtype
   y, x, mask, images = residuals
   point = jax.ShapeDtypeStruct(y.shape, jnp.float32)
-  kernel = functools.partial(_backward_kernel, h=hw[0], w=hw[1])
+  d_image = jax.ShapeDtypeStruct(images.shape, jnp.float32)
+  kernel = functools.partial(_backward_kernel, h=hw[0], w=hw[1], interpret=interpret)
+  zeros = jnp.zeros(images.shape, jnp.float32)
   d_y, d_x, d_mask, d_images = _pallas_call(
-      kernel, (y, x, mask, images, grad),
-      [point, point, point, jax.ShapeDtypeStruct(images.shape, jnp.float32)], tm, interpret)
-  return d_y, d_x, d_mask.astype(mask.dtype), d_images.astype(images.dtype)
+      kernel, (y, x, mask, images, grad, zeros), [point, point, point, d_image], tm, interpret,
+      aliases={5: 3})
+  return d_y, d_x, d_mask, d_images.astype(images.dtype)
 
 
 _aggregate.defvjp(_aggregate_fwd, _aggregate_bwd)
 
 
+def _power_of_two(size: int) -> int:
+  return 1 << (size - 1).bit_length()
+
+
 def pallas_dcnv3(value: jax.Array, offset: jax.Array, mask: jax.Array, *,
                  kernel_size: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
                  dilation: tuple[int, int], group: int, offset_scale: float,
-                 block_pixels: int = 64, interpret: bool = False) -> jax.Array:
-  """The Pallas DCNv3 core; same arguments and result as `reference`."""
+                 block_pixels: int | None = None, interpret: bool = False) -> jax.Array:
+  """The Pallas DCNv3 core; same arguments and result as `reference`. Compiles for GPUs
+  (Triton) only; `interpret=True` runs it anywhere. `block_pixels` (a power of two) sets the
+  output pixels per program; None takes the most with at most 4096 elements per [TM, K, C]
+  tile, K and C rounded up to powers of two (16 pixels for 3x3 points, 16 channels)."""
+  if block_pixels is not None and (block_pixels < 1 or block_pixels & (block_pixels - 1)):
+    raise ValueError(f"dcnv3 block_pixels must be a power of two, got {block_pixels}.")
   n, _, _, channels = value.shape
   _, h_out, w_out, _ = offset.shape
   k = kernel_size[0] * kernel_size[1]
   per_group, m = channels // group, h_out * w_out
+  k_padded, c_padded = _power_of_two(k), _power_of_two(per_group)
   padded = jnp.pad(value, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
   hp, wp = padded.shape[1:3]
   images = padded.reshape(n, hp * wp, group, per_group).transpose(0, 2, 1, 3)
-  y, x = sampling_points(offset, kernel_size, stride, dilation, group, offset_scale)
-  points = lambda t: t.reshape(n, m, group, k).transpose(0, 2, 1, 3)  # [N, G, M, K]
-  weights = points(mask.astype(jnp.float32))
-  tm = min(block_pixels, -(-m // 8) * 8)
+  images = jnp.pad(images, ((0, 0), (0, 0), (0, 0), (0, c_padded - per_group)))
+  images = images.reshape(n * group * hp * wp, c_padded)  # [N·G·Hp·Wp, C']
+  tm = block_pixels or max(1, _TILE_ELEMENTS // (k_padded * c_padded))
+  tm = min(tm, _power_of_two(m))
   m_padded = -(-m // tm) * tm
-  fill = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, m_padded - m), (0, 0)))
-  out = _aggregate(fill(points(y)), fill(points(x)), fill(weights), images, (hp, wp), tm,
-                   interpret, value.dtype)  # [N, G, M', C]
-  return out[:, :, :m].transpose(0, 2, 1, 3).reshape(n, h_out, w_out, channels)
+
+  def points(t):  # [N, H_out, W_out, G, K] -> [N·G, M', K'], zero-filled
+    t = t.reshape(n, m, group, k).transpose(0, 2, 1, 3).reshape(n * group, m, k)
+    return jnp.pad(t, ((0, 0), (0, m_padded - m), (0, k_padded - k)))
+
+  y, x = sampling_points(offset, kernel_size, stride, dilation, group, offset_scale)
+  out = _aggregate(points(y), points(x), points(mask.astype(jnp.float32)), images, (hp, wp),
+                   tm, interpret, value.dtype)  # [N·G, M', C']
+  out = out[:, :m, :per_group].reshape(n, group, h_out, w_out, per_group)
+  return out.transpose(0, 2, 3, 1, 4).reshape(n, h_out, w_out, channels)
 
 
 def reference(value: jax.Array, offset: jax.Array, mask: jax.Array, *,
@@ -241,7 +272,8 @@ def dcnv3(value: jax.Array, offset: jax.Array, mask: jax.Array, *,
               offset_scale=offset_scale)
   if impl in ("auto", "reference"):
     return reference(value, offset, mask, **args)
-  if impl == "pallas" and jax.default_backend() not in ("gpu", "tpu"):
-    raise ValueError(f"dcnv3 impl='pallas' compiles for GPU or TPU; this backend is "
-                     f"{jax.default_backend()!r} (use 'reference', 'auto' or 'interpret').")
+  if impl == "pallas" and jax.default_backend() != "gpu":
+    raise ValueError(f"dcnv3 impl='pallas' is a Triton kernel for GPUs only; this backend is "
+                     f"{jax.default_backend()!r}. Accepted impls: {', '.join(IMPLS)}; use "
+                     f"'reference' (or 'auto') here, or 'interpret' to run the kernel slowly.")
   return pallas_dcnv3(value, offset, mask, interpret=impl == "interpret", **args)
