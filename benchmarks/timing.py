@@ -1,9 +1,14 @@
 """Timing shared by the benchmarks: interleaved steps, so ratios come from one run."""
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 
 def time_interleaved(cases: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]], *,
@@ -27,3 +32,38 @@ def time_interleaved(cases: Mapping[str, tuple[Callable[..., Any], tuple[Any, ..
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
   return first_s, {name: statistics.median(t) for name, t in times.items()}
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float:
+  """FLOPs of one call of `compiled`, from XLA's cost analysis (nan if it has none)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float((analysis or {}).get("flops", float("nan")))
+
+
+def measure_matmul_peak(size: int, dtype: jnp.dtype, repeats: int = 10) -> float:
+  """FLOP/s of a jitted [size, size] @ [size, size] matmul on the default device."""
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = matmul(a, a)
+  out.block_until_ready()
+  return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def time_timm(name: str, batch_size: int, res: int, num_classes: int, steps: int,
+              warmup: int, device: str = "cpu") -> dict[str, float]:
+  """images/s of timm's `name` from `benchmarks/timm_step.py`, run in a subprocess (torch
+  never shares a process with JAX or TensorFlow here)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.timm_step", "--name", name, "--batch_size",
+       str(batch_size), "--res", str(res), "--num_classes", str(num_classes), "--steps",
+       str(steps), "--warmup", str(warmup), "--device", device],
+      capture_output=True, text=True, cwd=repo, check=False)
+  if result.returncode:
+    raise RuntimeError(f"timm timing of {name!r} failed:\n{result.stderr[-2000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])

@@ -11,9 +11,6 @@ With `--timm NAME` the same run also times timm's model NAME (forward, backward 
 in PyTorch, `benchmarks/timm_step.py`, in a subprocess) at the same batch size and
 resolution, and prints our images/s over timm's.
 """
-import json
-import os
-import subprocess
 import sys
 import time
 
@@ -28,44 +25,13 @@ from big_vision_lite import tasks
 from big_vision_lite import utils
 from big_vision_lite import train
 from big_vision_lite.input import data as data_lib
+from benchmarks import timing
 
 # --config is the train loop's own flag (defined when big_vision_lite.train is imported).
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures peak.")
 flags.DEFINE_string("timm", None, "timm model to time on the same batch shape (needs torch).")
-
-
-def time_timm(name: str, batch_size: int, res: int, num_classes: int) -> dict[str, float]:
-  """images/s of timm's `name` from `benchmarks/timm_step.py`, run in a subprocess."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.timm_step", "--name", name, "--batch_size",
-       str(batch_size), "--res", str(res), "--num_classes", str(num_classes), "--steps",
-       str(flags.FLAGS.steps), "--warmup", str(flags.FLAGS.warmup)],
-      capture_output=True, text=True, cwd=repo, check=False)
-  if result.returncode:
-    raise RuntimeError(f"timm timing of {name!r} failed:\n{result.stderr[-2000:]}")
-  return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def measure_matmul_peak(size: int, dtype: jnp.dtype, repeats: int = 10) -> float:
-  """FLOP/s of a jitted [size, size] @ [size, size] matmul on the default device."""
-  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = matmul(a, a)
-  out.block_until_ready()
-  return 2 * size**3 * repeats / (time.perf_counter() - start)
-
-
-def _flops(compiled: jax.stages.Compiled) -> float:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return float(analysis.get("flops", float("nan")))
 
 
 def main(argv: list[str]) -> None:
@@ -90,7 +56,7 @@ def main(argv: list[str]) -> None:
   compile_start = time.perf_counter()
   compiled = training.step.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - compile_start
-  flops_per_step = _flops(compiled)
+  flops_per_step = timing.compiled_flops(compiled)
   for _ in range(flags.FLAGS.warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
@@ -100,7 +66,7 @@ def main(argv: list[str]) -> None:
   jax.block_until_ready(metrics)
   seconds_per_step = (time.perf_counter() - start) / flags.FLAGS.steps
   dtype = jnp.dtype(config.get("compute_dtype") or "float32")
-  peak_per_device = measure_matmul_peak(flags.FLAGS.matmul_size, dtype)
+  peak_per_device = timing.measure_matmul_peak(flags.FLAGS.matmul_size, dtype)
   devices = mesh.devices.size
   achieved = flops_per_step / seconds_per_step
   num_params = utils.count_params(state["params"])
@@ -122,8 +88,9 @@ def main(argv: list[str]) -> None:
   if flags.FLAGS.timm:
     if input_key != "image":
       raise app.UsageError("--timm compares plain image batches, not packed ones.")
-    timm = time_timm(flags.FLAGS.timm, batch_size, batch_spec["image"].shape[1],
-                     config.model.get("num_classes") or 10)
+    timm = timing.time_timm(flags.FLAGS.timm, batch_size, batch_spec["image"].shape[1],
+                            config.model.get("num_classes") or 10, flags.FLAGS.steps,
+                            flags.FLAGS.warmup)
     ours = images_per_step / seconds_per_step
     rows += [(f"timm {flags.FLAGS.timm} params", f"{timm['params'] / 1e6:.2f} M"),
              (f"timm {flags.FLAGS.timm} images/s (PyTorch)", f"{timm['images_per_sec']:.1f}"),

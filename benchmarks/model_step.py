@@ -1,0 +1,152 @@
+r"""Train-step throughput of models on synthetic batches, beside timm's, in one run.
+
+  python -m benchmarks.model_step --cases convnext2_atto,internimage_t --batch_size 64
+
+Needs only jax, flax, optax (and torch + timm for the timm column): no input pipeline, so
+it runs on any accelerator machine. One step = forward with train=True (BatchNorm models
+update their statistics), softmax cross-entropy on random labels, backward and an AdamW
+update, jitted with the state donated, on a fixed random [B, res, res, 3] float32 batch.
+Prints per case: params, compile seconds, ms/step, images/s, GFLOP/step (XLA), MFU
+against a float32 matmul measured in the same run, and, where the case names a timm
+model and torch is installed, timm's images/s (`benchmarks/timm_step.py`, in a
+subprocess, on the same device kind) and ours / timm.
+"""
+import json
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from benchmarks import timing
+from big_vision_lite import models
+
+# case: (model_name, model kwargs, timm counterpart or None)
+CASES: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "vit_s16": ("vit", {"variant": "S/16"}, "vit_small_patch16_224"),
+    "deepvit_s16": ("deepvit", {"variant": "S/16"}, None),
+    "efficientvit_m0": ("efficientvit", {"variant": "M0"}, "efficientvit_m0"),
+    "mobilevit_xxs": ("mobilevit", {"variant": "XXS"}, "mobilevit_xxs"),
+    "mobilevit2_050": ("mobilevit2", {"variant": "050"}, "mobilevitv2_050"),
+    "convnext2_atto": ("convnext2", {"variant": "atto"}, "convnextv2_atto"),
+    "internimage_t": ("internimage", {"variant": "T", "dcnv3_impl": "reference"}, None),
+    "internimage_t_pallas": ("internimage", {"variant": "T", "dcnv3_impl": "pallas"}, None),
+}
+
+flags.DEFINE_list("cases", list(CASES), f"Cases to time: {', '.join(CASES)}.")
+flags.DEFINE_integer("batch_size", 64, "Images per step.")
+flags.DEFINE_integer("res", 224, "Image side.")
+flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
+flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_integer("matmul_size", 4096, "Side of the square matmul that measures peak.")
+flags.DEFINE_bool("timm", True, "Also time each case's timm counterpart (needs torch).")
+flags.DEFINE_string("json_out", None, "Also write the rows as JSON lines here.")
+
+
+def build_step(model: Any, variables: dict[str, Any], tx: optax.GradientTransformation):
+  """Jitted step(state, images, labels) -> (state, loss), the state donated."""
+  collections = [k for k in variables if k != "params"]
+
+  def loss_fn(params, extra, images, labels):
+    rngs = {"dropout": jax.random.key(0)}
+    if collections:
+      (logits, _), extra = model.apply({"params": params, **extra}, images, train=True,
+                                       rngs=rngs, mutable=collections)
+    else:
+      logits, _ = model.apply({"params": params}, images, train=True, rngs=rngs)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels).mean()
+    return loss, extra
+
+  def step(state, images, labels):
+    params, extra, opt_state = state
+    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, extra, images, labels)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), extra, opt_state), loss
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def time_case(name: str, batch_size: int, res: int, num_classes: int, steps: int,
+              warmup: int) -> dict[str, float]:
+  """Params, compile seconds, median seconds per step and XLA FLOPs per step of a case."""
+  model_name, kwargs, _ = CASES[name]
+  model = models.get(model_name).Model(num_classes=num_classes, **kwargs)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(batch_size, res, res, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(images[:1])
+  params = variables["params"]
+  tx = optax.adamw(1e-3, weight_decay=0.05)
+  state = (params, {k: v for k, v in variables.items() if k != "params"}, tx.init(params))
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  start = time.perf_counter()
+  compiled = build_step(model, variables, tx).lower(state, images, labels).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup + 1):
+    state, _ = compiled(state, images, labels)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, _ = compiled(state, images, labels)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  return {"params": num_params, "compile_s": compile_s, "step_s": statistics.median(times),
+          "flops": timing.compiled_flops(compiled)}
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  unknown = [c for c in f.cases if c not in CASES]
+  if unknown:
+    raise app.UsageError(f"--cases: unknown {unknown}; known: {', '.join(CASES)}.")
+  device = jax.devices()[0]
+  peak = timing.measure_matmul_peak(f.matmul_size, jnp.float32)
+  print(f"device: {jax.device_count()} x {device.device_kind}, jax {jax.__version__}; "
+        f"batch {f.batch_size} x {f.res}px, float32; matmul peak {peak / 1e12:.1f} TFLOP/s")
+  timm_device = "cuda" if device.platform == "gpu" else "cpu"
+  header = ("case", "params M", "compile s", "ms/step", "img/s", "GFLOP/step", "MFU",
+            "timm img/s", "ours/timm")
+  print("  ".join(header))
+  rows = []
+  for name in f.cases:
+    try:
+      result = time_case(name, f.batch_size, f.res, f.num_classes, f.steps, f.warmup)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+      continue
+    images_per_s = f.batch_size / result["step_s"]
+    row = dict(result, case=name, images_per_s=images_per_s,
+               mfu=result["flops"] / result["step_s"] / peak, device=device.device_kind)
+    timm_name = CASES[name][2]
+    if f.timm and timm_name:
+      try:
+        timm = timing.time_timm(timm_name, f.batch_size, f.res, f.num_classes, f.steps,
+                                f.warmup, timm_device)
+        row.update(timm=timm_name, timm_images_per_s=timm["images_per_sec"],
+                   timm_params=timm["params"])
+      except RuntimeError as e:
+        print(f"{name}: timm {timm_name} failed: {str(e).splitlines()[-1][:300]}")
+    timm_cells = ("-", "-")
+    if "timm_images_per_s" in row:
+      timm_ips = row["timm_images_per_s"]
+      timm_cells = (f"{timm_ips:.1f}", f"{images_per_s / timm_ips:.2f}")
+    print(f"{name}  {result['params'] / 1e6:.2f}  {result['compile_s']:.1f}  "
+          f"{result['step_s'] * 1e3:.1f}  {images_per_s:.1f}  {result['flops'] / 1e9:.1f}  "
+          f"{row['mfu']:.1%}  {timm_cells[0]}  {timm_cells[1]}", flush=True)
+    rows.append(row)
+  if f.json_out:
+    with open(f.json_out, "w") as out:
+      out.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+  app.run(main)
