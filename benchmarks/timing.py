@@ -34,9 +34,11 @@ def time_interleaved(cases: Mapping[str, tuple[Callable[..., Any], tuple[Any, ..
   return first_s, {name: statistics.median(t) for name, t in times.items()}
 
 
-def compiled_flops(compiled: jax.stages.Compiled) -> float:
-  """FLOPs of one call of `compiled`, from XLA's cost analysis (nan if it has none)."""
-  analysis = compiled.cost_analysis()
+def step_flops(lowered: jax.stages.Lowered) -> float:
+  """FLOPs of one call, from XLA's cost analysis of the lowered (unoptimised) HLO (nan if it
+  has none). Not the compiled module's: on GPU its matmuls are library calls it does not
+  count."""
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float((analysis or {}).get("flops", float("nan")))

@@ -54,9 +54,10 @@ def main(argv: list[str]) -> None:
   training = train.build_training(config, task, mesh, batch_spec)
   state = training.init(jax.random.key(0))
   compile_start = time.perf_counter()
-  compiled = training.step.lower(state, batch).compile()
+  lowered = training.step.lower(state, batch)
+  compiled = lowered.compile()
   compile_seconds = time.perf_counter() - compile_start
-  flops_per_step = timing.compiled_flops(compiled)
+  flops_per_step = timing.step_flops(lowered)
   for _ in range(flags.FLAGS.warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
