@@ -28,7 +28,10 @@ and likewise for y, bilinearly with zeros outside; H_out = (H + 2·pad_h −
                Triton needs; float32 accumulation for any input dtype. GPU only: it is not
                written for TPU, and other backends raise.
   "interpret"  the same kernel in Pallas interpret mode, on any backend (tests on CPU).
-  "auto"       the reference, until GPU timings show the kernel is faster.
+  "auto"       "pallas" on a GPU backend, else the reference. On an H200 (jax 0.11.2) the
+               kernel's forward + backward took 0.68-0.95x the reference's time at each of
+               InternImage-T's four stages, batch 32 (`benchmarks/kernels.py`), with
+               differences to the reference of 2-3e-7 relative.
 """
 import functools
 from typing import Sequence
@@ -270,7 +273,9 @@ def dcnv3(value: jax.Array, offset: jax.Array, mask: jax.Array, *,
                      f"G·K), got {mask.shape}.")
   args = dict(kernel_size=kernel_size, stride=stride, pad=pad, dilation=dilation, group=group,
               offset_scale=offset_scale)
-  if impl in ("auto", "reference"):
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() == "gpu" else "reference"
+  if impl == "reference":
     return reference(value, offset, mask, **args)
   if impl == "pallas" and jax.default_backend() != "gpu":
     raise ValueError(f"dcnv3 impl='pallas' is a Triton kernel for GPUs only; this backend is "
