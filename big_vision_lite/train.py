@@ -73,6 +73,19 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _check_workdir(workdir: str) -> None:
+  """Creates `workdir` and writes a file there, so an unusable one fails before compute."""
+  probe = os.path.join(workdir, f".write-test-{jax.process_index()}-{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(e.errno, f"--workdir {workdir} is not a writable directory ({e.strerror}: "
+                  f"{e.filename}); choose another --workdir or fix its permissions.") from None
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() != 0:
     return
@@ -212,9 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise PermissionError(f"--workdir {workdir} is not writable.")
+  _check_workdir(workdir)
   _check_same_architecture(config, workdir)
   _write_config(config, workdir)
 
@@ -240,6 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract_state, state_shardings = training.abstract_state, training.state_shardings
 
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.get("keep_ckpt"))
+  checkpointer.check_space(abstract_state)
   restored = checkpointer.restore_latest(abstract_state)
   if restored is not None:
     state, data_state, step = restored
@@ -281,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last_metrics.update({f"{name}/{k}": v for k, v in results.items()})
 
   pending: tuple[int, Any] | None = None
-  with _StopSignal() as stop:
+  with _StopSignal() as stop, checkpointer:
     step = start_step
     while step < end_step and not stop.received:
       step += 1
@@ -308,7 +320,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       _check_finite(*pending)
     if step > start_step or restored is None:
       save(step)
-  checkpointer.close()
   writer.flush()
   if stop.received:
     logging.warning("Stopped by SIGTERM at step %d; checkpoint saved, exiting cleanly.", step)

@@ -1,0 +1,158 @@
+"""Faults: corrupt checkpoints, unusable workdirs, failed saves, torn metrics lines."""
+import errno
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from big_vision_lite import checkpointing
+from big_vision_lite import metrics as metrics_lib
+from big_vision_lite import train
+from big_vision_lite.input import shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import vit as vit_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+STEPS = 8
+
+
+def fault_config(data_dir, **overrides):
+  """A 1-layer width-16 ViT on 16x16 shapes/tiny images; checkpoints every 2 steps."""
+  config = vit_config.get_config(f"res=16,batch_size=8,total_steps={STEPS},"
+                                 f"dataset=shapes/tiny,data_dir={data_dir}")
+  config.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
+  config.log_training_steps = 1
+  config.ckpt_steps = 2
+  config.mesh = [("data", 1)]
+  config.evals = {}
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return shapes.ensure_built(str(tmp_path_factory.mktemp("tfds")), "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+  """An uninterrupted run: (its per-step losses, its final params)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train.train_and_evaluate(fault_config(data_dir), workdir)
+  return losses(workdir), checkpointing.load_params(workdir)
+
+
+def assert_same_params(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_truncated_latest_checkpoint_falls_back_and_matches(data_dir, reference, tmp_path,
+                                                            caplog):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(fault_config(data_dir), workdir, stop_after_steps=6)
+  assert checkpointing.Checkpointer(workdir).all_steps() == [4, 6]
+  files = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "checkpoints" / "6")
+           for name in names]
+  largest = max(files, key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  offset = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
+  train.train_and_evaluate(fault_config(data_dir), workdir)
+  assert "6 does not restore" in caplog.text and "trying the previous one" in caplog.text
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    f.seek(offset)
+    resumed = {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+  assert resumed == {s: v for s, v in reference[0].items() if s > 4}
+  assert_same_params(checkpointing.load_params(workdir), reference[1])
+
+
+def test_bit_flip_in_latest_checkpoint_is_detected(tmp_path, caplog):
+  """orbax reads a flipped bit back silently; the saved fingerprints catch it."""
+  state = {"params": {"w": jax.random.normal(jax.random.key(0), (4096,))},
+           "step": np.int32(0), "rng": jax.random.key(1)}
+  checkpointer = checkpointing.Checkpointer(str(tmp_path))
+  checkpointer.save(1, state, {"train_iterator": {"next_index": 1}})
+  checkpointer.save(2, dict(state, params={"w": state["params"]["w"] + 1}),
+                    {"train_iterator": {"next_index": 2}})
+  checkpointer.close()
+  files = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "checkpoints" / "2")
+           for name in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.seek(os.path.getsize(largest) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x10]))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      np.shape(x), x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), state)
+  restored, data_state, step = checkpointing.Checkpointer(str(tmp_path)).restore_latest(abstract)
+  assert step == 1 and data_state["train_iterator"] == {"next_index": 1}
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+  assert "differ from their fingerprint at save time, e.g. params/w" in caplog.text
+
+
+def test_unusable_workdir_fails_at_start(data_dir, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(OSError, match=r"--workdir .*a_file/run is not a writable directory"):
+    train.train_and_evaluate(fault_config(data_dir), str(blocker / "run"))
+
+
+def test_read_only_workdir_fails_at_start(data_dir, tmp_path):
+  if os.geteuid() == 0:
+    pytest.skip("root writes into a 0o500 directory; the path-under-a-file test covers it")
+  workdir = tmp_path / "run"
+  workdir.mkdir(mode=0o500)
+  with pytest.raises(OSError, match=r"--workdir .*run is not a writable directory"):
+    train.train_and_evaluate(fault_config(data_dir), str(workdir))
+
+
+def test_full_disk_fails_at_start(data_dir, tmp_path, monkeypatch):
+  usage = lambda path: type("Usage", (), {"free": 1000})()
+  monkeypatch.setattr(checkpointing.shutil, "disk_usage", usage)
+  with pytest.raises(OSError, match=r"has 0.0 MiB free, less than one checkpoint"):
+    train.train_and_evaluate(fault_config(data_dir), str(tmp_path))
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_failed_save_names_step_and_keeps_previous(data_dir, tmp_path, monkeypatch):
+  """The disk fills while step 4 is written in the background: the run stops naming step
+  4 and the workdir; step 2 stays complete."""
+  workdir = str(tmp_path)
+  original = ocp.JsonCheckpointHandler._save_fn
+
+  async def disk_full(self, x, directory):
+    if f"{os.sep}4.orbax-checkpoint-tmp" in str(directory):
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    await original(self, x, directory)
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full)
+  with pytest.raises(checkpointing.CheckpointSaveError,
+                     match=r"step 4 into .*/checkpoints failed \(OSError: .*No space left.*"
+                     r"Complete checkpoints: \[2\]; a rerun resumes from step 2"):
+    train.train_and_evaluate(fault_config(data_dir), workdir)
+  assert checkpointing.Checkpointer(workdir).all_steps() == [2]
+  assert np.isfinite(checkpointing.load_params(workdir)["head"]["kernel"]).all()
+
+
+def test_metrics_file_drops_a_half_written_line(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  with open(path, "w") as f:
+    f.write('{"step": 1, "train/loss": 2.5}\n{"step": 2, "train/lo')
+  writer = metrics_lib.JsonlWriter(path)
+  writer.write_scalars(2, {"train/loss": 2.25})
+  writer.flush()
+  with open(path) as f:
+    assert [json.loads(line) for line in f] == [{"step": 1, "train/loss": 2.5},
+                                                {"step": 2, "train/loss": 2.25}]
