@@ -111,6 +111,7 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
   """Returns step(state, batch) -> (state, metrics), with gradient accumulation and EMA."""
   accum = config.get("grad_accum_steps") or 1
   ema_decay = config.get("ema_decay")
+  nan_step = (config.get("debug") or {}).get("inject_nan_step")
 
   def grads_and_metrics(params, extra, batch, rng):
     grad_fn = jax.grad(task.loss, has_aux=True)
@@ -139,6 +140,10 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
     grads, metrics, extra = grads_and_metrics(state["params"], state["extra"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if nan_step:  # Debug: step `nan_step` ends with a NaN loss and NaN params.
+      poisoned = state["step"] + 1 == nan_step
+      params = jax.tree.map(lambda p: jnp.where(poisoned, jnp.nan, p), params)
+      metrics = dict(metrics, loss=jnp.where(poisoned, jnp.nan, metrics["loss"]))
     new_state = dict(state, params=params, opt_state=opt_state, extra=extra,
                      step=state["step"] + 1)
     if ema_decay:
@@ -281,6 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       total_steps, start_step + stop_after_steps)
 
   def save(step: int) -> None:
+    if pending is not None:  # Never save a state whose loss is not finite.
+      _check_finite(*pending)
     # orbax's JSON writer stores process 0's copy: it holds every process's position.
     checkpointer.save(step, state, data_lib.gather_iterator_states(train_iter.get_state()))
 

@@ -57,6 +57,7 @@ def get_config(arg: str | None = None):
   config.init_skip = ()  # Regexes of params kept fresh, e.g. ("head/.*",) for a new head.
   config.mesh = (("data", -1),)
   config.sharding_rules = ((".*", "replicate"),)
+  config.debug = dict(inject_nan_step=0)  # > 0: that step's loss is NaN (tests the stop).
 
   config.evals = dict(val=dict(
       type="classification", log_steps=200, batch_size=256,

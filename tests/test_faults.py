@@ -1,4 +1,4 @@
-"""Faults: corrupt checkpoints, unusable workdirs, failed saves, torn metrics lines."""
+"""Faults: injected NaN, corrupt checkpoints, unusable workdirs, failed saves, torn lines."""
 import errno
 import json
 import os
@@ -56,6 +56,22 @@ def reference(data_dir, tmp_path_factory):
 
 def assert_same_params(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_injected_nan_stops_naming_step_and_keeps_checkpoints(data_dir, reference, tmp_path):
+  """NaN at step 6, a checkpoint step, with no log step to catch it first: the run stops
+  naming step 6 and the loss, step 6 is never saved, and the run resumes from step 4."""
+  workdir = str(tmp_path)
+  config = fault_config(data_dir, log_training_steps=100)
+  config.debug.inject_nan_step = 6
+  with pytest.raises(train.NonFiniteError, match=r"metric 'loss' is nan at step 6"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpointing.Checkpointer(workdir).all_steps() == [2, 4]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(checkpointing.load_params(workdir)))
+  config = fault_config(data_dir)  # The same run without the option.
+  train.train_and_evaluate(config, workdir)
+  assert losses(workdir) == {s: v for s, v in reference[0].items() if s > 4}
+  assert_same_params(checkpointing.load_params(workdir), reference[1])
 
 
 def test_truncated_latest_checkpoint_falls_back_and_matches(data_dir, reference, tmp_path,
