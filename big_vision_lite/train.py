@@ -242,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metrics_lib.create_writer(workdir)
   seed = config.get("seed", 0)
   batch_size = config.input.batch_size
+  bad_records = config.input.get("bad_records", "fail")
 
   train_iter = data_lib.make_train_iterator(
       config.input.data, config.input.pp, batch_size, seed=seed,
@@ -249,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       num_threads=config.input.get("num_threads", 2),
       prefetch=config.input.get("prefetch", 2), packing=config.input.get("packing"),
       multiscale=config.input.get("multiscale"),
-      batch_multiple=config_lib.multiscale_batch_multiple(config))
+      batch_multiple=config_lib.multiscale_batch_multiple(config), bad_records=bad_records)
   batch_spec = peek_batch_spec(train_iter, batch_size)
 
   training = build_training(config, task, mesh, batch_spec)
@@ -258,9 +259,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.get("keep_ckpt"))
   checkpointer.check_space(abstract_state)
   restored = checkpointer.restore_latest(abstract_state)
+  skipped_before = 0  # Bad records skipped before the restored step.
   if restored is not None:
     state, data_state, step = restored
     train_iter.set_state(data_lib.select_iterator_state(data_state))
+    skipped_before = data_state.get("skipped_records", 0)
     logging.info("Resumed from %s at step %d.", checkpointer.directory, step)
   else:
     state = training.init(jax.random.key(seed))
@@ -289,7 +292,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if pending is not None:  # Never save a state whose loss is not finite.
       _check_finite(*pending)
     # orbax's JSON writer stores process 0's copy: it holds every process's position.
-    checkpointer.save(step, state, data_lib.gather_iterator_states(train_iter.get_state()))
+    data_state = data_lib.gather_iterator_states(train_iter.get_state())
+    if bad_records == "skip":
+      data_state["skipped_records"] = skipped_before + data_lib.count_skipped(train_iter)
+    checkpointer.save(step, state, data_state)
 
   def run_evals(step: int, final: bool) -> None:
     for name, runner in eval_runners.items():
@@ -315,6 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         values = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
         _check_finite(step, values)
         values.update(throughput.measure(step))
+        if bad_records == "skip":
+          values["input/skipped_records"] = skipped_before + data_lib.count_skipped(train_iter)
         writer.write_scalars(step, values)
         last_metrics.update(values)
         logging.info("step %d/%d  loss %.4f  %.2f steps/s  %.1f examples/s  ETA %s", step,

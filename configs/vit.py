@@ -32,6 +32,7 @@ def get_config(arg: str | None = None):
   labels = f'onehot({arg.num_classes}, key="label", key_result="labels")'
   config.input.pp = (f"decode|resize({arg.res})|flip_lr|"
                      f'value_range(-1, 1)|{labels}|keep("image", "labels")')
+  config.input.bad_records = "fail"  # Or "skip": replace and count undecodable records.
 
   config.model_name = "vit"
   size, patch = arg.variant.split("/")

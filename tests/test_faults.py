@@ -1,5 +1,6 @@
-"""Faults: injected NaN, corrupt checkpoints, unusable workdirs, failed saves, torn lines."""
+"""Faults: injected NaN, corrupt checkpoints, unusable workdirs, failed saves, bad records."""
 import errno
+import io
 import json
 import os
 import sys
@@ -8,10 +9,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
 
 from big_vision_lite import checkpointing
+from big_vision_lite import config_lib
 from big_vision_lite import metrics as metrics_lib
 from big_vision_lite import train
+from big_vision_lite.input import data as data_lib
 from big_vision_lite.input import shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +61,22 @@ def reference(data_dir, tmp_path_factory):
 
 def assert_same_params(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_fault_options_are_validated(data_dir):
+  cases = [({"debug": {"inject_nan_step": "3"}}, r"'debug.inject_nan_step' must be an int"),
+           ({"debug": {"inject_nan_step": -1}}, r"'debug.inject_nan_step' must be an int"),
+           ({"debug": {"nan_step": 3}}, r"'debug' has unknown keys \['nan_step'\]; accepted: "
+            "inject_nan_step"),
+           ({"input.bad_records": "ignore"}, r"'input.bad_records' must be one of 'fail', "
+            "'skip', got 'ignore'")]
+  for overrides, message in cases:
+    config = fault_config(data_dir)
+    for key, value in overrides.items():
+      section, _, field = key.rpartition(".")
+      (config[section] if section else config)[field] = value
+    with pytest.raises(ValueError, match=message):
+      config_lib.validate(config)
 
 
 def test_injected_nan_stops_naming_step_and_keeps_checkpoints(data_dir, reference, tmp_path):
@@ -172,3 +193,68 @@ def test_metrics_file_drops_a_half_written_line(tmp_path):
   with open(path) as f:
     assert [json.loads(line) for line in f] == [{"step": 1, "train/loss": 2.5},
                                                 {"step": 2, "train/loss": 2.25}]
+
+
+class CorruptImages(tfds.core.GeneratorBasedBuilder):
+  """32 PNGs of 16x16 noise; record 5 is not an image, record 9 is 12x16."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "label": tfds.features.ClassLabel(num_classes=10)}), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    rng = np.random.default_rng(0)
+    for index in range(32):
+      pixels = rng.integers(0, 256, (12 if index == 9 else 16, 16, 3), dtype=np.uint8)
+      png = io.BytesIO()
+      Image.fromarray(pixels).save(png, format="PNG")
+      image = b"not an image" if index == 5 else png.getvalue()
+      yield index, {"image": image, "label": index % 10}
+
+
+BAD_PP = ('decode|value_range(-1, 1)|onehot(10, key="label", key_result="labels")|'
+          'keep("image", "labels")')
+
+
+@pytest.fixture(scope="module")
+def corrupt_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("corrupt_tfds"))
+  CorruptImages(data_dir=directory, file_format="array_record").download_and_prepare()
+  return directory
+
+
+def test_bad_records_fail_naming_the_record(corrupt_dir):
+  cases = [("train[:8]", r"Bad record 5 of dataset 'corrupt_images' split 'train\[:8\]': "
+            r"UnidentifiedImageError.*set config field 'input.bad_records' to 'skip'"),
+           ("train[8:16]", r"Bad record 1 of dataset 'corrupt_images' split 'train\[8:16\]': "
+            r"ValueError: example key 'image' has shape \(12, 16, 3\) float32, unlike the first "
+            r"good record's \(16, 16, 3\) float32")]
+  for split, message in cases:
+    spec = dict(name="corrupt_images", split=split, data_dir=corrupt_dir)
+    iterator = data_lib.make_train_iterator(spec, BAD_PP, 4, seed=0)
+    with pytest.raises(data_lib.BadRecordError, match=message):
+      for _ in range(2):
+        next(iterator)
+
+
+def test_bad_records_skipped_and_counted_across_resume(corrupt_dir, tmp_path):
+  """Two epochs of 32 records (2 bad) in batches of 8: 4 records are replaced, and the
+  count survives a resume."""
+  config = fault_config(corrupt_dir, total_steps=8)
+  config.input.data = dict(name="corrupt_images", split="train", data_dir=corrupt_dir)
+  config.input.pp = BAD_PP
+  config.input.bad_records = "skip"
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir, stop_after_steps=3)
+  final = train.train_and_evaluate(config, workdir)
+  assert final["input/skipped_records"] == 4
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    counts = [r["input/skipped_records"] for r in map(json.loads, f) if "train/loss" in r]
+  assert counts == sorted(counts) and len(losses(workdir)) == 8
