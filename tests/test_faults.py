@@ -1,11 +1,14 @@
-"""Faults: injected NaN, corrupt checkpoints, unusable workdirs, failed saves, bad records."""
+"""Faults: injected NaN, corrupt checkpoints, unusable workdirs, bad records, kill -9."""
 import errno
 import io
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -46,6 +49,21 @@ def losses(workdir):
   return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_once(tmp_path_factory):
+  """The runs here compile the same steps: a persistent cache (this module only) compiles
+  each once, which halves the module's time."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(names[1], 0.0)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return shapes.ensure_built(str(tmp_path_factory.mktemp("tfds")), "tiny")
@@ -53,10 +71,10 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-  """An uninterrupted run: (its per-step losses, its final params)."""
+  """An uninterrupted run: (its per-step losses, its final params, its workdir)."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   train.train_and_evaluate(fault_config(data_dir), workdir)
-  return losses(workdir), checkpointing.load_params(workdir)
+  return losses(workdir), checkpointing.load_params(workdir), workdir
 
 
 def assert_same_params(a, b):
@@ -97,20 +115,21 @@ def test_injected_nan_stops_naming_step_and_keeps_checkpoints(data_dir, referenc
 
 def test_truncated_latest_checkpoint_falls_back_and_matches(data_dir, reference, tmp_path,
                                                             caplog):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(fault_config(data_dir), workdir, stop_after_steps=6)
-  assert checkpointing.Checkpointer(workdir).all_steps() == [4, 6]
-  files = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "checkpoints" / "6")
+  """The reference run's final step 8, truncated, falls back to step 6 and redoes 7, 8."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[2], workdir)
+  assert checkpointing.Checkpointer(workdir).all_steps() == [6, 8]
+  files = [os.path.join(root, name) for root, _, names in os.walk(f"{workdir}/checkpoints/8")
            for name in names]
   largest = max(files, key=os.path.getsize)
   os.truncate(largest, os.path.getsize(largest) // 2)
   offset = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
   train.train_and_evaluate(fault_config(data_dir), workdir)
-  assert "6 does not restore" in caplog.text and "trying the previous one" in caplog.text
+  assert "8 does not restore" in caplog.text and "trying the previous one" in caplog.text
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     f.seek(offset)
     resumed = {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
-  assert resumed == {s: v for s, v in reference[0].items() if s > 4}
+  assert resumed == {s: v for s, v in reference[0].items() if s > 6}
   assert_same_params(checkpointing.load_params(workdir), reference[1])
 
 
@@ -258,3 +277,26 @@ def test_bad_records_skipped_and_counted_across_resume(corrupt_dir, tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     counts = [r["input/skipped_records"] for r in map(json.loads, f) if "train/loss" in r]
   assert counts == sorted(counts) and len(losses(workdir)) == 8
+
+
+def _crash_trials(tmp_path, trials):
+  cmd = [sys.executable, "-m", "big_vision_lite.tools.crash_trials", f"--trials={trials}",
+         f"--workdir_root={tmp_path}", "--total_steps=8"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert f"trials run: {trials}" in done.stdout and "mismatches: 0" in done.stdout
+  return done.stdout
+
+
+def test_kill_9_trials(tmp_path):
+  """Two runs killed at random moments resume from their newest complete checkpoint and
+  then log the reference's losses."""
+  _crash_trials(tmp_path, 2)
+
+
+@pytest.mark.slow
+def test_kill_9_trials_20(tmp_path):
+  """Twenty kills, many inside a save (about 8 minutes on 2 cores)."""
+  out = _crash_trials(tmp_path, 20)
+  assert "steps lost beyond the newest complete checkpoint: 0" in out
