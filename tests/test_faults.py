@@ -297,6 +297,6 @@ def test_kill_9_trials(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_trials_20(tmp_path):
-  """Twenty kills, many inside a save (about 8 minutes on 2 cores)."""
+  """Twenty kills, many inside a save (8 minutes of CPU, 10-18 minutes on 2 busy cores)."""
   out = _crash_trials(tmp_path, 20)
   assert "steps lost beyond the newest complete checkpoint: 0" in out

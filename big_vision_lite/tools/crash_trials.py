@@ -44,6 +44,7 @@ flags.DEFINE_integer("timeout", 600, "Seconds allowed for one run.")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _RESUMED = re.compile(r"Resumed from \S+ at step (\d+)\.")
 _UNREADABLE = "does not restore"
+_STEP_DONE = re.compile(r"\] step (\d+)/\d+ ")  # train.py's console line of a logged step.
 
 
 def train_command(workdir: str, data_dir: str, total_steps: int, ckpt_steps: int) -> list[str]:
@@ -102,7 +103,7 @@ class Trial:
   killed: bool = False
   during_save: bool = False
   during_startup: bool = False
-  progress: int = 0  # Last step the killed run logged.
+  progress: int = 0  # Last step the killed run finished (its console line).
   newest_complete: int = 0
   restored: int = 0
   mismatches: list[str] = dataclasses.field(default_factory=list)
@@ -115,7 +116,7 @@ def run_trial(workdir: str, data_dir: str, reference: dict[int, float],
   trial = Trial()
   metrics = os.path.join(workdir, "metrics.jsonl")
   cmd = train_command(workdir, data_dir, flags.FLAGS.total_steps, flags.FLAGS.ckpt_steps)
-  with open(os.path.join(workdir + ".killed.log"), "w") as log:
+  with open(workdir + ".killed.log", "w") as log:
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     trial.during_startup = rng.random() < flags.FLAGS.startup_kill_fraction
     if trial.during_startup:
@@ -132,7 +133,8 @@ def run_trial(workdir: str, data_dir: str, reference: dict[int, float],
     proc.wait()
   steps, trial.during_save = complete_steps(workdir)
   trial.newest_complete = steps[-1] if steps else 0
-  trial.progress = max(read_losses(metrics), default=0)
+  with open(workdir + ".killed.log") as log:
+    trial.progress = max(map(int, _STEP_DONE.findall(log.read())), default=0)
   offset = os.path.getsize(metrics) if os.path.exists(metrics) else 0
   output = run_to_end(workdir, data_dir, flags.FLAGS.timeout)
   match = _RESUMED.search(output)
