@@ -5,27 +5,44 @@ train state pytree (params, optimiser state, extra model collections, EMA, step,
 `data` the JSON position of the data iterator (one for all processes, or one per process
 for packed data). orbax writes each step into a temporary directory and renames it when
 complete, so a half-written step is never listed; if the newest listed step still fails to
-restore, the previous one is used with a warning.
+restore, or its arrays differ from their fingerprint saved beside them in `data` (a file
+overwritten or bit-flipped after the save), the previous one is used with a warning.
+A save that fails (full disk, lost permissions) raises `CheckpointSaveError` naming the
+step and the directory; orbax writes in the background, so the error of step s surfaces at
+the next save or at the end of the run.
 """
 import json
 import os
 import re
+import shutil
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from big_vision_lite import utils
 
+_FINGERPRINT_KEY = "state_fingerprint"
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed; the steps saved before it are intact."""
+
 
 class Checkpointer:
-  """Periodic/final saves with keep-last-N and restore of the newest good step."""
+  """Periodic/final saves with keep-last-N and restore of the newest good step.
+
+  As a context manager it waits for the save in flight on exit, also when the run stops
+  with an error, so the last good checkpoint is complete.
+  """
 
   def __init__(self, workdir: str, keep: int | None = None, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._saving: int | None = None  # The step whose background write may be in flight.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
@@ -37,11 +54,43 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
     """Starts saving `state` and the data iterator position at `step` (asynchronously)."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    self.wait()
+    data_state = dict(data_state, **{_FINGERPRINT_KEY: fingerprint(state)})
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    self._saving = step
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight is written; raises `CheckpointSaveError` if it failed."""
+    step, self._saving = self._saving, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    self.manager.reload()
+    steps = self.all_steps()
+    resume = (f"a rerun resumes from step {steps[-1]}" if steps
+              else "no checkpoint of this run is complete")
+    return CheckpointSaveError(
+        f"Saving the checkpoint of step {step} into {self.directory} failed "
+        f"({type(error).__name__}: {str(error).splitlines()[0][:300]}). Is the disk full or "
+        f"the directory no longer writable? Complete checkpoints: {steps}; {resume} once "
+        "there is space (or with another --workdir and init_from).")
+
+  def check_space(self, abstract_state: Any) -> None:
+    """Raises an OSError if the disk cannot hold one more checkpoint of `abstract_state`."""
+    needed = sum(int(np.prod(x.shape)) * getattr(x.dtype, "itemsize", 8)
+                 for x in jax.tree.leaves(abstract_state) if hasattr(x, "dtype"))
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise OSError(f"The disk of {self.directory} has {free / 2**20:.1f} MiB free, less "
+                    f"than one checkpoint of this run ({needed / 2**20:.1f} MiB). Free some "
+                    "space or choose another --workdir.")
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
     """Restores the newest step that reads back whole, or returns None if there is none.
@@ -63,6 +112,14 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         self._warn_unreadable(step, e)
         continue
+      saved = restored.data.get(_FINGERPRINT_KEY)
+      changed = sorted(k for k, v in fingerprint(restored.state).items()
+                       if saved is not None and saved.get(k) != v)
+      if changed:
+        self._warn_unreadable(step, ValueError(
+            f"{len(changed)} arrays differ from their fingerprint at save time, e.g. "
+            f"{', '.join(changed[:3])}"))
+        continue
       return restored.state, restored.data, step
     return None
 
@@ -81,8 +138,49 @@ class Checkpointer:
     return getattr(meta, "tree", meta)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight (raising `CheckpointSaveError` if it failed), then closes."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:  # Already failing: finish the save in flight, but keep the first error.
+      self.close()
+    except CheckpointSaveError as e:
+      logging.error("%s", e)
+
+
+def fingerprint(state: Any) -> dict[str, int]:
+  """{leaf name: a uint32 checksum of its bits}; any single flipped bit changes it."""
+  return {k: int(v) for k, v in utils.flatten_names(
+      jax.device_get(_fingerprint_leaves(state))).items()}
+
+
+@jax.jit
+def _fingerprint_leaves(state: Any) -> Any:
+  def checksum(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+      bits = x.astype(jnp.uint32)
+    else:
+      unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+      bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    # Odd weights 2·position + 1 (mod 2^32), built without reshaping sharded arrays.
+    position, stride = jnp.zeros(bits.shape, jnp.uint32), 1
+    for axis in reversed(range(bits.ndim)):
+      iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+      position = position + iota * jnp.uint32(stride % 2**32)
+      stride *= bits.shape[axis]
+    return jnp.sum(bits * (2 * position + 1), dtype=jnp.uint32)
+  return jax.tree.map(checksum, state)
 
 
 def _check_tree_matches(saved: Any, expected: Any, where: str) -> None:

@@ -14,6 +14,7 @@ from big_vision_lite import models
 from big_vision_lite import optimizer
 from big_vision_lite import sharding
 from big_vision_lite import tasks
+from big_vision_lite.input import data as data_lib
 from big_vision_lite.input import multiscale as multiscale_lib
 from big_vision_lite.input import packing as packing_lib
 from big_vision_lite.input import pp as pp_lib
@@ -119,6 +120,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.input.batch_size % config.grad_accum_steps):
     raise ValueError(f"Config field 'input.batch_size' ({config.input.batch_size}) must be "
                      f"divisible by 'grad_accum_steps' ({config.grad_accum_steps}).")
+  bad_records = config.input.get("bad_records", "fail")
+  if bad_records not in data_lib.BAD_RECORDS:
+    raise ValueError(f"Config field 'input.bad_records' must be one of "
+                     f"{', '.join(map(repr, data_lib.BAD_RECORDS))}, got {bad_records!r}.")
+  _validate_debug(config.get("debug"))
   optimizer.validate_config(config)
   _validate_mesh(config.get("mesh"), config.get("sharding_rules"))
   if multiscale:
@@ -148,6 +154,17 @@ def multiscale_batch_multiple(config: ml_collections.ConfigDict) -> int:
   (and processes) times the gradient accumulation steps."""
   mesh = sharding.make_mesh(config.get("mesh"))
   return sharding.batch_divisor(mesh) * (config.get("grad_accum_steps") or 1)
+
+
+def _validate_debug(debug: Mapping[str, Any] | None) -> None:
+  unknown = sorted(set(debug or {}) - {"inject_nan_step"})
+  if unknown:
+    raise ValueError(f"Config field 'debug' has unknown keys {unknown}; accepted: "
+                     "inject_nan_step.")
+  step = (debug or {}).get("inject_nan_step")
+  if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+    raise ValueError(f"Config field 'debug.inject_nan_step' must be an int: the step whose "
+                     f"loss becomes NaN, or 0 for none; got {step!r}.")
 
 
 def _validate_mesh(mesh: Sequence[Any] | None, rules: Sequence[Any] | None) -> None:

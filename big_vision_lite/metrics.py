@@ -18,11 +18,13 @@ class JsonlWriter(interface.MetricWriter):
   """Appends one JSON object per step to `<workdir>/metrics.jsonl` (scalars only).
 
   Scalars written for the same step in several calls (train and eval metrics) are merged
-  into one line, written when a later step arrives or on flush.
+  into one line, written when a later step arrives or on flush. A resumed run appends to
+  the file, after dropping a last line left half-written by a killed run.
   """
 
   def __init__(self, path: str):
     self._path = path
+    _drop_partial_last_line(path)
     self._step: int | None = None
     self._pending: dict[str, Any] = {}
 
@@ -67,6 +69,18 @@ class JsonlWriter(interface.MetricWriter):
 
   def close(self) -> None:
     self.flush()
+
+
+def _drop_partial_last_line(path: str) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    size = f.seek(0, os.SEEK_END)
+    tail_start = max(0, size - 65536)  # Lines are far shorter.
+    f.seek(tail_start)
+    tail = f.read()
+    if tail and not tail.endswith(b"\n"):
+      f.truncate(tail_start + tail.rfind(b"\n") + 1)
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:

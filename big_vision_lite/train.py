@@ -73,6 +73,19 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _check_workdir(workdir: str) -> None:
+  """Creates `workdir` and writes a file there, so an unusable one fails before compute."""
+  probe = os.path.join(workdir, f".write-test-{jax.process_index()}-{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(e.errno, f"--workdir {workdir} is not a writable directory ({e.strerror}: "
+                  f"{e.filename}); choose another --workdir or fix its permissions.") from None
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() != 0:
     return
@@ -98,6 +111,7 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
   """Returns step(state, batch) -> (state, metrics), with gradient accumulation and EMA."""
   accum = config.get("grad_accum_steps") or 1
   ema_decay = config.get("ema_decay")
+  nan_step = (config.get("debug") or {}).get("inject_nan_step")
 
   def grads_and_metrics(params, extra, batch, rng):
     grad_fn = jax.grad(task.loss, has_aux=True)
@@ -126,6 +140,10 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
     grads, metrics, extra = grads_and_metrics(state["params"], state["extra"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if nan_step:  # Debug: step `nan_step` ends with a NaN loss and NaN params.
+      poisoned = state["step"] + 1 == nan_step
+      params = jax.tree.map(lambda p: jnp.where(poisoned, jnp.nan, p), params)
+      metrics = dict(metrics, loss=jnp.where(poisoned, jnp.nan, metrics["loss"]))
     new_state = dict(state, params=params, opt_state=opt_state, extra=extra,
                      step=state["step"] + 1)
     if ema_decay:
@@ -212,9 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise PermissionError(f"--workdir {workdir} is not writable.")
+  _check_workdir(workdir)
   _check_same_architecture(config, workdir)
   _write_config(config, workdir)
 
@@ -226,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metrics_lib.create_writer(workdir)
   seed = config.get("seed", 0)
   batch_size = config.input.batch_size
+  bad_records = config.input.get("bad_records", "fail")
 
   train_iter = data_lib.make_train_iterator(
       config.input.data, config.input.pp, batch_size, seed=seed,
@@ -233,17 +250,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       num_threads=config.input.get("num_threads", 2),
       prefetch=config.input.get("prefetch", 2), packing=config.input.get("packing"),
       multiscale=config.input.get("multiscale"),
-      batch_multiple=config_lib.multiscale_batch_multiple(config))
+      batch_multiple=config_lib.multiscale_batch_multiple(config), bad_records=bad_records)
   batch_spec = peek_batch_spec(train_iter, batch_size)
 
   training = build_training(config, task, mesh, batch_spec)
   abstract_state, state_shardings = training.abstract_state, training.state_shardings
 
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.get("keep_ckpt"))
+  checkpointer.check_space(abstract_state)
   restored = checkpointer.restore_latest(abstract_state)
+  skipped_before = 0  # Bad records skipped before the restored step.
   if restored is not None:
     state, data_state, step = restored
     train_iter.set_state(data_lib.select_iterator_state(data_state))
+    skipped_before = data_state.get("skipped_records", 0)
     logging.info("Resumed from %s at step %d.", checkpointer.directory, step)
   else:
     state = training.init(jax.random.key(seed))
@@ -269,8 +289,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       total_steps, start_step + stop_after_steps)
 
   def save(step: int) -> None:
+    if pending is not None:  # Never save a state whose loss is not finite.
+      _check_finite(*pending)
     # orbax's JSON writer stores process 0's copy: it holds every process's position.
-    checkpointer.save(step, state, data_lib.gather_iterator_states(train_iter.get_state()))
+    data_state = data_lib.gather_iterator_states(train_iter.get_state())
+    if bad_records == "skip":
+      data_state["skipped_records"] = skipped_before + data_lib.count_skipped(train_iter)
+    checkpointer.save(step, state, data_state)
 
   def run_evals(step: int, final: bool) -> None:
     for name, runner in eval_runners.items():
@@ -281,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last_metrics.update({f"{name}/{k}": v for k, v in results.items()})
 
   pending: tuple[int, Any] | None = None
-  with _StopSignal() as stop:
+  with _StopSignal() as stop, checkpointer:
     step = start_step
     while step < end_step and not stop.received:
       step += 1
@@ -296,6 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         values = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
         _check_finite(step, values)
         values.update(throughput.measure(step))
+        if bad_records == "skip":
+          values["input/skipped_records"] = skipped_before + data_lib.count_skipped(train_iter)
         writer.write_scalars(step, values)
         last_metrics.update(values)
         logging.info("step %d/%d  loss %.4f  %.2f steps/s  %.1f examples/s  ETA %s", step,
@@ -308,7 +335,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       _check_finite(*pending)
     if step > start_step or restored is None:
       save(step)
-  checkpointer.close()
   writer.flush()
   if stop.received:
     logging.warning("Stopped by SIGTERM at step %d; checkpoint saved, exiting cleanly.", step)

@@ -32,6 +32,7 @@ def get_config(arg: str | None = None):
   labels = f'onehot({arg.num_classes}, key="label", key_result="labels")'
   config.input.pp = (f"decode|resize({arg.res})|flip_lr|"
                      f'value_range(-1, 1)|{labels}|keep("image", "labels")')
+  config.input.bad_records = "fail"  # Or "skip": replace and count undecodable records.
 
   config.model_name = "vit"
   size, patch = arg.variant.split("/")
@@ -57,6 +58,7 @@ def get_config(arg: str | None = None):
   config.init_skip = ()  # Regexes of params kept fresh, e.g. ("head/.*",) for a new head.
   config.mesh = (("data", -1),)
   config.sharding_rules = ((".*", "replicate"),)
+  config.debug = dict(inject_nan_step=0)  # > 0: that step's loss is NaN (tests the stop).
 
   config.evals = dict(val=dict(
       type="classification", log_steps=200, batch_size=256,

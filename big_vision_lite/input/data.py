@@ -9,13 +9,22 @@ Train order: one global stream (shuffled anew each epoch, augmentation seeded pe
 position), cut into global batches; process p reads rows [p·B/P, (p+1)·B/P) of every global
 batch, so a global batch is the same whatever the number of processes. Iterator states are
 JSON dicts ({"next_index": n}, the number of local batches read).
+
+Bad records (`input.bad_records`): a train record that does not read or preprocess (an
+image that does not decode), or whose preprocessed arrays differ in shape or dtype from the
+first good record's, fails the run with a `BadRecordError` naming the dataset, split and
+record ("fail", the default), or is replaced by the record that the same stream position
+holds one epoch later ("skip"): batches keep their size, the order stays deterministic and
+resumable, and the iterator counts the replacements in `skipped_records`.
 """
+import dataclasses
 import json
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
@@ -27,6 +36,36 @@ from big_vision_lite.input import shapes
 _STREAM_LENGTH = 10**15  # "Infinite" train stream (grain datasets are indexable).
 _FIELD = "config field 'input.data' (or 'evals.<name>.data')"
 _RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
+BAD_RECORDS = ("fail", "skip")
+SKIPPED_KEY = "_skipped"  # Per row in "skip" mode: bad records replaced to fill it.
+_MAX_REPLACEMENTS = 64  # Bad records in a row at one position before giving up.
+_REFERENCE_TRIES = 8  # First records tried for the reference shapes.
+
+
+class BadRecordError(ValueError):
+  """A train record that does not read or preprocess, or has unexpected shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bad:
+  index: int  # Record within the split.
+  error: str
+
+
+class _IndexedSource:
+  """Random access to (index, record), or (index, the exception reading it)."""
+
+  def __init__(self, source: Sequence[Any]):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> tuple[int, Any]:
+    try:
+      return index, self._source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      return index, e
 
 
 def _prepare_hint(name: str, data_dir: str | None) -> str:
@@ -101,13 +140,107 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+def _reference_spec(source: Sequence[Any], fn: Callable[..., dict[str, np.ndarray]]
+                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{key: (shape, dtype)} of the first of the first records that preprocesses; if none
+  does, the pp string (not the data) is wrong, and the first record's error is raised."""
+  first_error = None
+  for index in range(min(len(source), _REFERENCE_TRIES)):
+    try:
+      example = fn(source[index], np.random.default_rng(0))
+    except Exception as e:  # pylint: disable=broad-except
+      first_error = first_error or e
+      continue
+    return {k: (v.shape, v.dtype) for k, v in example.items()}
+  raise first_error
+
+
+def _check_like(example: dict[str, np.ndarray],
+                reference: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+  if set(example) != set(reference):
+    raise ValueError(f"example keys {sorted(example)} differ from the first good record's "
+                     f"{sorted(reference)}")
+  for key, (shape, dtype) in reference.items():
+    if example[key].shape != shape or example[key].dtype != dtype:
+      raise ValueError(
+          f"example key {key!r} has shape {example[key].shape} {example[key].dtype}, unlike "
+          f"the first good record's {shape} {dtype}: examples of different shapes cannot be "
+          "batched (if most records differ, make them equal in the pp string, e.g. with "
+          "resize(...) or a crop)")
+
+
 def _train_stream(data: Mapping[str, Any], seed: int,
-                  fn: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
-                  ) -> grain.MapDataset:
+                  fn: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]],
+                  bad_records: str = "fail", check_shapes: bool = False) -> grain.MapDataset:
   """The endless global train stream: shuffled anew each epoch, `fn(example, rng)` seeded
-  by the stream position."""
-  return (grain.MapDataset.source(get_source(data)).seed(seed).shuffle().repeat(None)
-          .random_map(fn))
+  by the stream position; bad records fail or are replaced (see the module docstring)."""
+  source = get_source(data)
+  reference = _reference_spec(source, fn) if check_shapes else None
+
+  def guarded(item: tuple[int, Any], rng: np.random.Generator) -> Any:
+    index, record = item
+    try:
+      if isinstance(record, Exception):
+        raise record
+      example = fn(record, rng)
+      if reference is not None:
+        _check_like(example, reference)
+      return example
+    except Exception as e:  # pylint: disable=broad-except
+      return _Bad(index, f"{type(e).__name__}: {e}")
+
+  raw = (grain.MapDataset.source(_IndexedSource(source)).seed(seed).shuffle().repeat(None)
+         .random_map(guarded))
+  where = f"dataset {data['name']!r} split {data['split']!r}"
+
+  def resolve(position: int) -> dict[str, Any]:
+    for tries in range(_MAX_REPLACEMENTS + 1):
+      example = raw[position + tries * len(source)]
+      if not isinstance(example, _Bad):
+        return dict(example, **{SKIPPED_KEY: np.int32(tries)}) if bad_records == "skip" else example
+      message = f"Bad record {example.index} of {where}: {example.error}"
+      if bad_records == "fail":
+        raise BadRecordError(f"{message}. To skip such records (counted in the metric "
+                             "input/skipped_records), set config field 'input.bad_records' "
+                             "to 'skip'.")
+      logging.warning("%s; skipped.", message)
+    raise BadRecordError(f"{_MAX_REPLACEMENTS + 1} bad records in a row at train position "
+                         f"{position}; the last: {message}. Does the pp string fit this "
+                         "dataset?")
+
+  return grain.MapDataset.range(0, _STREAM_LENGTH).map(resolve)
+
+
+class _SkipCounter:
+  """Takes SKIPPED_KEY off each batch; `skipped_records` counts since creation/set_state."""
+
+  def __init__(self, iterator: Any):
+    self._iterator = iterator
+    self.skipped_records = 0
+
+  def __iter__(self) -> "_SkipCounter":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    self.skipped_records += int(batch.pop(SKIPPED_KEY).sum())
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._iterator.get_state()
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._iterator.set_state(state)
+    self.skipped_records = 0
+
+
+def count_skipped(train_iterator: Any) -> int:
+  """Records skipped by the train iterators of all processes since their creation or last
+  `set_state` (a collective call when there are several processes)."""
+  local = getattr(train_iterator, "skipped_records", 0)
+  if jax.process_count() == 1:
+    return local
+  return int(multihost_utils.process_allgather(np.int64(local)).sum())
 
 
 def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int, *,
@@ -115,7 +248,7 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
                         num_threads: int = 2, prefetch: int = 2,
                         packing: Mapping[str, Any] | None = None,
                         multiscale: Mapping[str, Any] | None = None,
-                        batch_multiple: int = 1) -> Any:
+                        batch_multiple: int = 1, bad_records: str = "fail") -> Any:
   """Endless iterator of this process's rows of each global batch (dicts of numpy arrays).
 
   Deterministic given `seed`; `get_state()` returns a JSON-ready dict and `set_state(state)`
@@ -123,22 +256,28 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
   With `packing` (see `packing.py`), rows are packed sequences of several images; each
   process then packs its own share of the image stream. With `multiscale` (see
   `multiscale.py`), each step has its own resolution and a batch size that is a multiple
-  of `batch_multiple`.
+  of `batch_multiple`. `bad_records` is "fail" or "skip" (see the module docstring; packed
+  rows replace bad records but do not count them).
   """
   local = _local_batch_size(global_batch_size, process_count)
   preprocess = pp_lib.get_preprocess_fn(pp)
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   if packing:
     tokens = packing_lib.tokenizer(packing)
-    stream = _train_stream(data, seed, lambda ex, rng: tokens(preprocess(ex, rng), rng))
-    images = grain.MapDataset.range(0, _STREAM_LENGTH).map(
-        lambda i: stream[i * process_count + process_index])  # This process's images.
+    stream = _train_stream(data, seed, lambda ex, rng: tokens(preprocess(ex, rng), rng),
+                           bad_records)
+    images = grain.MapDataset.range(0, _STREAM_LENGTH).map(  # This process's images.
+        lambda i: _without_count(stream[i * process_count + process_index]))
     return packing_lib.PackedTrainIterator(images, local, packing, options)
-  stream = _train_stream(data, seed, lambda ex, rng: _check_arrays(preprocess(ex, rng)))
+  counted = _SkipCounter if bad_records == "skip" else lambda iterator: iterator
   if multiscale:
+    stream = _train_stream(data, seed, lambda ex, rng: _check_arrays(preprocess(ex, rng)),
+                           bad_records)
     schedule = multiscale_lib.Schedule(multiscale, global_batch_size, batch_multiple, seed)
-    return multiscale_lib.make_train_iterator(stream, schedule, process_index, process_count,
-                                              _stack, options)
+    return counted(multiscale_lib.make_train_iterator(
+        stream, schedule, process_index, process_count, _stack, options))
+  stream = _train_stream(data, seed, lambda ex, rng: _check_arrays(preprocess(ex, rng)),
+                         bad_records, check_shapes=True)
   offset = process_index * local
 
   def element(i: int) -> dict[str, np.ndarray]:  # Row i % local of local batch i // local.
@@ -146,7 +285,11 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
 
   rows = grain.MapDataset.range(0, _STREAM_LENGTH).map(element)
   batches = rows.batch(local, drop_remainder=True, batch_fn=_stack)
-  return iter(batches.to_iter_dataset(options))
+  return counted(iter(batches.to_iter_dataset(options)))
+
+
+def _without_count(example: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in example.items() if k != SKIPPED_KEY}
 
 
 def make_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int, *,
