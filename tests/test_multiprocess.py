@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import jax
 import numpy as np
@@ -79,8 +80,9 @@ def losses(workdir: str) -> dict[int, float]:
   return {l["step"]: l["train/loss"] for l in read_metrics(workdir) if "train/loss" in l}
 
 
-def restore_params(config, workdir: str):
-  """The newest checkpoint's params restored onto `config`'s mesh, as the train loop does."""
+def restore(config, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(params, data positions) of the newest checkpoint restored onto `config`'s mesh, as
+  the train loop does."""
   mesh = sharding.make_mesh(config.mesh)
   task = tasks.REGISTRY.get(config.task)(config, models.get(config.model_name).Model(
       **config.model))
@@ -89,9 +91,9 @@ def restore_params(config, workdir: str):
                 "labels": jax.ShapeDtypeStruct((batch, 10), np.float32)}
   abstract_state = train.build_training(config, task, mesh, batch_spec).abstract_state
   checkpointer = checkpointing.Checkpointer(workdir)
-  state, _, _ = checkpointer.restore_latest(abstract_state)
+  state, data_state, _ = checkpointer.restore_latest(abstract_state)
   checkpointer.close()
-  return state["params"]
+  return state["params"], data_state
 
 
 def test_distributed_settings_flags_override_environment():
@@ -143,25 +145,27 @@ def copy_checkpoint(workdir: str, step: int, new_workdir: str) -> None:
                   os.path.join(new_workdir, "checkpoints", str(step)))
 
 
-def check_restores(config, workdir: str, devices: int) -> None:
-  """The train loop's restore onto `config`'s mesh of `devices` gives exactly the saved
-  params."""
-  params = restore_params(config, workdir)
+def check_restores(config, workdir: str, devices: int) -> dict[str, Any]:
+  """Checks that the train loop's restore onto `config`'s mesh of `devices` gives exactly
+  the saved params; returns the restored data positions."""
+  params, data_state = restore(config, workdir)
   for leaf in jax.tree.leaves(params):
     assert leaf.sharding.mesh.size == devices
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                checkpointing.load_params(workdir))
+  return data_state
 
 
-def test_two_processes_match_one_and_resume_in_one(eight_devices, tmp_path):
+def test_two_processes_match_one_and_restore_in_one(eight_devices, tmp_path):
   """2 processes x 4 devices train like 1 process x 8 devices (same config, losses, params);
-  the 2-process checkpoint, each process writing its part, resumes in 1 process."""
+  the 2-process checkpoint, each process writing its part, restores in 1 process on 2
+  devices. That a restored checkpoint continues exactly is checked below.
+  """
   args, single = eight_devices
-  multi, resumed = str(tmp_path / "multi"), str(tmp_path / "resumed")
+  multi = str(tmp_path / "multi")
   run_processes(args, multi, num_processes=2, devices=4)
-  with open(os.path.join(multi, "config.json")) as a, open(os.path.join(single,
-                                                                        "config.json")) as b:
-    assert json.load(a) == json.load(b)
+  config_json = lambda d: json.load(open(os.path.join(d, "config.json")))
+  assert config_json(multi) == config_json(single)
   # Only process 0 wrote metrics: one line per step.
   assert [l["step"] for l in read_metrics(multi)] == list(range(9))
   assert list(losses(multi)) == list(range(1, 9))
@@ -175,39 +179,53 @@ def test_two_processes_match_one_and_resume_in_one(eight_devices, tmp_path):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
                checkpointing.load_params(multi), checkpointing.load_params(single))
 
-  copy_checkpoint(multi, 4, resumed)
   config = parse_config(args)
-  check_restores(config, resumed, devices=8)
-  train.train_and_evaluate(config, resumed)
-  np.testing.assert_allclose([losses(resumed)[s] for s in range(5, 9)],
-                             [losses(multi)[s] for s in range(5, 9)], rtol=1e-6)
+  config.mesh = (("data", 2),)
+  multi_4, single_4 = str(tmp_path / "multi_4"), str(tmp_path / "single_4")
+  copy_checkpoint(multi, 4, multi_4)
+  copy_checkpoint(single, 4, single_4)
+  assert check_restores(config, multi_4, devices=2) == restore(config, single_4)[1]
 
 
-def test_checkpoints_resume_on_other_device_counts(eight_devices, tmp_path):
-  """The 8-device run's step 2 continues on 2, then 1, then 8 devices, two steps on each:
-  every hop restores the saved params exactly onto the new mesh, and the losses follow the
-  straight 8-device run."""
+@pytest.mark.parametrize("hops", [(1, 8), pytest.param((2, 1, 8), marks=pytest.mark.slow)])
+def test_checkpoints_resume_on_other_device_counts(eight_devices, hops, tmp_path):
+  """The 8-device run continues two steps on each device count of `hops` in turn, ending at
+  step 8: every hop restores the saved params exactly onto its mesh, and the losses follow
+  the straight 8-device run."""
   args, straight = eight_devices
-  hops = str(tmp_path / "hops")
-  copy_checkpoint(straight, 2, hops)
-  for devices in (2, 1, 8):
+  workdir = str(tmp_path / "hops")
+  start = 8 - 2 * len(hops)
+  copy_checkpoint(straight, start, workdir)
+  for devices in hops:
     config = parse_config(args)
     config.mesh = (("data", devices),)
-    check_restores(config, hops, devices)
-    train.train_and_evaluate(config, hops, stop_after_steps=2)
-  assert list(losses(hops)) == list(range(3, 9))
-  np.testing.assert_allclose(list(losses(hops).values()),
-                             [losses(straight)[s] for s in range(3, 9)], rtol=1e-6)
+    check_restores(config, workdir, devices)
+    train.train_and_evaluate(config, workdir, stop_after_steps=2)
+  assert list(losses(workdir)) == list(range(start + 1, 9))
+  np.testing.assert_allclose(list(losses(workdir).values()),
+                             [losses(straight)[s] for s in range(start + 1, 9)], rtol=1e-6)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
-               checkpointing.load_params(hops), checkpointing.load_params(straight))
+               checkpointing.load_params(workdir), checkpointing.load_params(straight))
 
 
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_in_two(eight_devices, tmp_path):
-  """The reverse of the above: the 1-process run's step 4 continues in 2 processes."""
+  """The 1-process run's step 4 continues in 2 processes x 4 devices as it did in one."""
   args, single = eight_devices
   resumed = str(tmp_path / "resumed")
   copy_checkpoint(single, 4, resumed)
   run_processes(args, resumed, num_processes=2, devices=4)
   np.testing.assert_allclose([losses(resumed)[s] for s in range(5, 9)],
                              [losses(single)[s] for s in range(5, 9)], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_init_from_in_two_processes(eight_devices, tmp_path):
+  """init_from loads params that the new run splits over processes (FSDP); with lr=0 they
+  stay exactly those of the source run."""
+  args, source = eight_devices
+  workdir = str(tmp_path / "finetune")
+  run_processes(args + [f"--config.init_from={source}", "--config.lr=0.0",
+                        "--config.total_steps=1"], workdir, num_processes=2, devices=4)
+  jax.tree.map(np.testing.assert_array_equal, checkpointing.load_params(workdir),
+               checkpointing.load_params(source))
