@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from big_vision_lite import checkpointing
@@ -360,6 +361,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return last_metrics
 
 
+def _to_host(tree: Any) -> Any:
+  """Numpy copies of global arrays, gathered from the processes that hold their shards."""
+  return jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable
+                      else multihost_utils.process_allgather(x, tiled=True), tree)
+
+
 def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
                state_shardings: dict[str, Any]) -> dict[str, Any]:
   """Replaces the fresh params (and BatchNorm statistics etc.) by those of another run or
@@ -371,13 +378,13 @@ def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
                      f"asks for {config.model_name!r}.")
   loaded = checkpointing.load_variables(path)
   skip = config.get("init_skip") or ()
-  init_params = jax.device_get(state["params"])
+  init_params = _to_host(state["params"])
   module = models.get(config.model_name)
   loaded_params = loaded.pop("params")
   if hasattr(module, "load"):
     loaded_params = module.load(init_params, loaded_params, config.model.to_dict())
   params = checkpointing.merge_init_params(init_params, loaded_params, skip, path)
-  extra = dict(jax.device_get(state["extra"]))
+  extra = dict(_to_host(state["extra"]))
   for collection, values in extra.items():
     if collection in loaded:
       extra[collection] = checkpointing.merge_init_params(values, loaded[collection], skip,
