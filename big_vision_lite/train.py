@@ -10,7 +10,7 @@ import dataclasses
 import logging as std_logging
 import os
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from big_vision_lite import checkpointing
@@ -35,6 +36,10 @@ from big_vision_lite.input import data as data_lib
 config_flags.DEFINE_config_file("config", None, "Config file (with optional :args).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
+                    "(overrides JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (overrides JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's index (overrides JAX_PROCESS_ID).")
 
 
 class NonFiniteError(RuntimeError):
@@ -61,16 +66,52 @@ class _StopSignal:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize` when the environment describes several processes."""
+_CLUSTER_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def distributed_settings(coordinator_address: str | None = None,
+                         num_processes: int | None = None, process_id: int | None = None,
+                         env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+  """Arguments for `jax.distributed.initialize`, or None for a single-process run.
+
+  Each value comes from its argument (a flag), else from JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES or JAX_PROCESS_ID; values still unset are left to jax's cluster
+  auto-detection (Cloud TPU, SLURM, Open MPI) when the environment is such a cluster.
+  """
+  env = os.environ if env is None else env
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
+  settings = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  if any(k in env for k in _CLUSTER_ENV_VARS) and num_processes != 1:
+    return settings
+  if num_processes is None or num_processes == 1:
+    return None
+  missing = [name for name, value in (("--coordinator_address", coordinator_address),
+                                      ("--process_id", process_id)) if value is None]
+  if missing:
+    raise app.UsageError(f"{num_processes} processes need {' and '.join(missing)} (or the "
+                         "JAX_COORDINATOR_ADDRESS / JAX_PROCESS_ID environment variables).")
+  return settings
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Calls `jax.distributed.initialize` when flags, environment or cluster ask for several
+  processes (see `distributed_settings`); CPU processes talk through gloo collectives."""
   if jax.distributed.is_initialized():
     return
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                               int(env["JAX_PROCESS_ID"]))
-  elif any(k in env for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
-    jax.distributed.initialize()
+  settings = distributed_settings(coordinator_address, num_processes, process_id)
+  if settings is None:
+    return
+  # Without a CPU collectives implementation, cross-process computations fail on CPU.
+  if not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**settings)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -270,10 +311,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.get("init_from"):
       state = _init_from(config, state, state_shardings)
   start_step = int(jax.device_get(state["step"]))
+  if start_step == 0:
+    # Every process joins in: params sharded over processes need a collective for the stats.
+    parameter_overview.log_parameter_overview(state["params"], include_stats="global",
+                                              jax_logging_process=0)
   if jax.process_index() == 0 and start_step == 0:
-    parameter_overview.log_parameter_overview(state["params"])
-    num_params = utils.count_params(state["params"])
-    writer.write_scalars(0, {"num_params": num_params})
+    writer.write_scalars(0, {"num_params": utils.count_params(state["params"])})
 
   train_step = training.step
   eval_runners = {
@@ -344,6 +387,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return last_metrics
 
 
+def _to_host(tree: Any) -> Any:
+  """Numpy copies of global arrays, gathered from the processes that hold their shards."""
+  return jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable
+                      else multihost_utils.process_allgather(x, tiled=True), tree)
+
+
 def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
                state_shardings: dict[str, Any]) -> dict[str, Any]:
   """Replaces the fresh params (and BatchNorm statistics etc.) by those of another run or
@@ -357,12 +406,12 @@ def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
                      f"{config.model_name!r} run loads {', '.join(map(repr, accepted))}.")
   loaded = checkpointing.load_variables(path)
   skip = config.get("init_skip") or ()
-  init_params = jax.device_get(state["params"])
+  init_params = _to_host(state["params"])
   loaded_params = loaded.pop("params")
   if hasattr(module, "load"):
     loaded_params = module.load(init_params, loaded_params, config.model.to_dict())
   params = checkpointing.merge_init_params(init_params, loaded_params, skip, path)
-  extra = dict(jax.device_get(state["extra"]))
+  extra = dict(_to_host(state["extra"]))
   for collection, values in extra.items():
     if collection in loaded:
       extra[collection] = checkpointing.merge_init_params(values, loaded[collection], skip,
@@ -389,7 +438,8 @@ class _OnlyOrbaxWarnings(std_logging.Filter):
 def main(argv: list[str]) -> None:
   del argv
   logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
-  maybe_initialize_distributed()
+  maybe_initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                               flags.FLAGS.process_id)
   config = flags.FLAGS.config
   if config is None or flags.FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required.")
