@@ -161,19 +161,23 @@ def test_block_features_are_in_stage_order_for_both_models():
         model, variables, x).values())
 
 
-def test_pretrain_then_finetune_and_draw(tmp_path):
-  """configs/fcmae.py (tiny encoder) lowers its loss; its checkpoint draws a reconstruction
-  and starts configs/convnext2.py through init_from with the encoder's params."""
-  pre_dir, ft_dir = str(tmp_path / "fcmae"), str(tmp_path / "ft")
-  config = fcmae_config.get_config("total_steps=60,batch_size=32,lr=3e-3,decoder_dim=64")
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A short configs/fcmae.py run (tiny encoder): (run dir, its config, train losses)."""
+  pre_dir = str(tmp_path_factory.mktemp("fcmae"))
+  config = fcmae_config.get_config("total_steps=40,batch_size=16,lr=3e-3,decoder_dim=32")
   config.model.update(depths=TINY["depths"], dims=TINY["dims"])
-  config.log_training_steps = 10
+  config.log_training_steps = 5
   config.input.data.split = "train[:256]"
   train.train_and_evaluate(config, pre_dir)
-  lines = [json.loads(l) for l in open(tmp_path / "fcmae" / "metrics.jsonl")]
-  losses = [l["train/loss"] for l in lines if "train/loss" in l]
-  assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
+  with open(f"{pre_dir}/metrics.jsonl") as f:
+    losses = [json.loads(line).get("train/loss") for line in f]
+  return pre_dir, config, [l for l in losses if l is not None]
 
+
+def test_pretraining_lowers_the_loss_and_draws(pretrained, tmp_path):
+  pre_dir, config, losses = pretrained
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
   png = tmp_path / "recon.png"
   error = fcmae_reconstruct.write_picture(pre_dir, str(png), num_images=3)
   assert png.stat().st_size > 1000 and 0 < error < 1.0
@@ -183,13 +187,18 @@ def test_pretrain_then_finetune_and_draw(tmp_path):
       {"fcmae": (model, checkpointing.load_variables(pre_dir))}, images(4), str(collapse_png))
   assert len(curves["fcmae"]) == 4 and collapse_png.stat().st_size > 1000
 
+
+def test_finetuning_starts_from_the_encoder(pretrained, tmp_path):
+  """configs/convnext2.py with init_from = the FCMAE run: the train loop accepts it
+  (convnext2.LOADS_FROM), takes the encoder and starts a fresh head."""
+  pre_dir, _, _ = pretrained
   ft = convnext2_config.get_config("res=64,total_steps=1,batch_size=8")
   ft.model.update(depths=TINY["depths"], dims=TINY["dims"])
   ft.init_from = pre_dir
   ft.evals = {}
-  train.train_and_evaluate(ft, ft_dir)
+  train.train_and_evaluate(ft, str(tmp_path))
   pre = utils.flatten_names(checkpointing.load_params(pre_dir)["encoder"])
-  tuned = utils.flatten_names(checkpointing.load_params(ft_dir))
+  tuned = utils.flatten_names(checkpointing.load_params(str(tmp_path)))
   assert set(tuned) == set(pre) | {"head/kernel", "head/bias"}
   for name, value in pre.items():  # One small AdamW step away from the encoder's values.
     np.testing.assert_allclose(tuned[name], value, atol=ft.lr * 1.5, err_msg=name)
