@@ -18,9 +18,8 @@ minutes on 2 CPU cores. Arguments: `variant` (atto ... huge), `res` (multiple of
 (false: the encoder without GRN, for the feature-collapse comparison), `dataset`,
 `batch_size`, `total_steps`, `lr`, `data_dir`, plus `--config.<field>=<value>` overrides.
 """
-import ml_collections
-
 from big_vision_lite import config_lib
+from configs import common
 
 
 def get_config(arg: str | None = None):
@@ -32,32 +31,19 @@ def get_config(arg: str | None = None):
   if arg.res % 32:
     raise ValueError(f"Config argument 'res' must be a multiple of 32 (FCMAE masks 32 x 32 "
                      f"cells), got {arg.res}.")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.task = "fcmae"
-  config.total_steps = arg.total_steps
+  config = common.new_config("fcmae", arg.total_steps)
   config.fcmae = dict(mask_ratio=arg.mask_ratio, norm_pix_loss=arg.norm_pix_loss)
 
-  config.input = dict(batch_size=arg.batch_size)
-  config.input.data = dict(name=arg.dataset, split=arg.train_split,
-                           data_dir=arg.data_dir or None)
-  config.input.pp = (f"decode|inception_crop({arg.res}, area_min=20)|flip_lr|"
-                     'value_range(-1, 1)|keep("image")')
+  config.input = common.input_fields(arg, f"decode|inception_crop({arg.res}, area_min=20)|"
+                                          'flip_lr|value_range(-1, 1)|keep("image")')
 
   config.model_name = "fcmae"
   config.model = dict(variant=arg.variant, grn=arg.grn, decoder_dim=arg.decoder_dim,
                       decoder_depth=arg.decoder_depth)
 
-  config.optax_name = "adamw"
-  config.optax = dict(b1=0.9, b2=0.95)
-  config.lr = arg.lr
-  config.wd = arg.wd  # Decoupled, on kernels only.
-  config.schedule = dict(decay_type="cosine", warmup_percent=0.1)
-
-  config.log_training_steps = 25
-  config.ckpt_steps = 100
-  config.keep_ckpt = 2
-  config.mesh = (("data", -1),)
-  config.sharding_rules = ((".*", "replicate"),)
+  # Weight decay is decoupled, on kernels only.
+  common.add_adamw(config, arg.lr, arg.wd, grad_clip_norm=None, optax=dict(b1=0.9, b2=0.95),
+                   warmup_percent=0.1)
+  common.add_run_fields(config, log_training_steps=25, ckpt_steps=100, init_from=False)
   config.evals = {}
   return config

@@ -14,50 +14,17 @@ pallas), plus any `--config.<field>=<value>` override (e.g. `--config.model.dept
 Fine-tuning from official weights (`tools/import_internimage.py`):
 `--config.init_from=DIR --config.init_skip="('head/.*',)"` for a new classifier.
 """
-import ml_collections
-
 from big_vision_lite import config_lib
+from configs import common
 
 
 def get_config(arg: str | None = None):
   """Returns the ConfigDict of an InternImage classification run."""
-  arg = config_lib.parse_arg(
-      arg, variant="mini", res=64, batch_size=32, total_steps=300, dataset="shapes",
-      train_split="train", eval_split="test", num_classes=10, lr=1e-3, wd=0.05,
-      drop_path=0.0, dcnv3_impl="auto", data_dir="")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.task = "classification"
-  config.total_steps = arg.total_steps
-
-  config.input = dict(batch_size=arg.batch_size)
-  data_dir = arg.data_dir or None
-  config.input.data = dict(name=arg.dataset, split=arg.train_split, data_dir=data_dir)
-  labels = f'onehot({arg.num_classes}, key="label", key_result="labels")'
-  config.input.pp = (f"decode|resize({arg.res})|flip_lr|"
-                     f'value_range(-1, 1)|{labels}|keep("image", "labels")')
-
-  config.model_name = "internimage"
-  config.model = dict(variant=arg.variant, num_classes=arg.num_classes,
-                      drop_path_rate=arg.drop_path, dcnv3_impl=arg.dcnv3_impl)
-
-  config.optax_name = "adamw"
-  config.optax = dict(b2=0.999)
-  config.lr = arg.lr
-  config.wd = arg.wd  # Decoupled, on kernels only (not norms, biases or layer scales).
-  config.schedule = dict(decay_type="cosine", warmup_percent=0.05)
-  config.grad_clip_norm = 5.0
-
-  config.log_training_steps = 50
-  config.ckpt_steps = 200
-  config.keep_ckpt = 2
-  config.init_from = ""  # A run or import dir to start from (`tools/import_internimage.py`).
-  config.init_skip = ()  # Regexes of params kept fresh, e.g. ("head/.*",) for a new head.
-  config.mesh = (("data", -1),)
-  config.sharding_rules = ((".*", "replicate"),)
-
-  config.evals = dict(val=dict(
-      type="classification", log_steps=300, batch_size=128,
-      data=dict(name=arg.dataset, split=arg.eval_split, data_dir=data_dir),
-      pp=f'decode|resize({arg.res})|value_range(-1, 1)|{labels}|keep("image", "labels")'))
-  return config
+  arg = config_lib.parse_arg(arg, variant="mini", res=64, batch_size=32, total_steps=300,
+                             lr=1e-3, wd=0.05, drop_path=0.0, dcnv3_impl="auto",
+                             **common.DATA_ARGS)
+  model = dict(variant=arg.variant, num_classes=arg.num_classes,
+               drop_path_rate=arg.drop_path, dcnv3_impl=arg.dcnv3_impl)
+  # Weight decay is decoupled, on kernels only (not norms, biases or layer scales).
+  return common.classification(arg, "internimage", model, wd=arg.wd, grad_clip_norm=5.0,
+                               eval_log_steps=300, eval_batch_size=128)

@@ -12,9 +12,8 @@ Arguments: `configs/navit.py:variant=S/16,seq_len=256,res_min=64,res_max=256,...
 (`variant=mini/8` is the CPU default; any ViT variant such as Ti/16 or B/16 works), plus
 any `--config.<field>=<value>` override.
 """
-import ml_collections
-
 from big_vision_lite import config_lib
+from configs import common
 
 MINI = dict(width=96, depth=4, mlp_dim=384, num_heads=4)
 
@@ -23,12 +22,8 @@ def get_config(arg: str | None = None):
   """Returns the ConfigDict of a packed (NaViT) classification run."""
   arg = config_lib.parse_arg(
       arg, variant="mini/8", seq_len=256, max_images=16, batch_size=32, total_steps=400,
-      res_min=32, res_max=96, drop_max=0.5, eval_res=64, dataset="shapes",
-      train_split="train", eval_split="test", num_classes=10, lr=1.5e-3, data_dir="")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.task = "packed_classification"
-  config.total_steps = arg.total_steps
+      res_min=32, res_max=96, drop_max=0.5, eval_res=64, lr=1.5e-3, **common.DATA_ARGS)
+  config = common.new_config("packed_classification", arg.total_steps)
 
   size, patch = arg.variant.split("/")
   patch = int(patch)
@@ -39,33 +34,19 @@ def get_config(arg: str | None = None):
   config.model.posemb = "learn"
   config.model.posemb_coords = "fractional"
 
-  data_dir = arg.data_dir or None
   packing = dict(seq_len=arg.seq_len, patch_size=patch, max_images=arg.max_images,
                  buffer_size=64)
-  config.input = dict(batch_size=arg.batch_size)  # Rows of seq_len tokens.
-  config.input.data = dict(name=arg.dataset, split=arg.train_split, data_dir=data_dir)
-  config.input.pp = 'decode|flip_lr|value_range(-1, 1)|keep("image", "label")'
+  train_pp = 'decode|flip_lr|value_range(-1, 1)|keep("image", "label")'
+  config.input = common.input_fields(arg, train_pp)  # Batches of rows of seq_len tokens.
   config.input.packing = dict(
       packing, resolution=dict(dist="uniform", low=arg.res_min, high=arg.res_max),
       token_drop=dict(dist="beta", a=1.0, b=3.0, low=0.0, high=arg.drop_max)
       if arg.drop_max > 0 else None)
 
-  config.optax_name = "adamw"
-  config.optax = dict(b2=0.999)
-  config.lr = arg.lr
-  config.wd = 1e-4
-  config.schedule = dict(decay_type="cosine", warmup_percent=0.05)
-  config.grad_clip_norm = 1.0
+  common.add_adamw(config, arg.lr, wd=1e-4)
+  common.add_run_fields(config)
 
-  config.log_training_steps = 50
-  config.ckpt_steps = 200
-  config.keep_ckpt = 2
-  config.init_from = ""
-  config.init_skip = ()
-  config.mesh = (("data", -1),)
-  config.sharding_rules = ((".*", "replicate"),)
-
-  eval_data = dict(name=arg.dataset, split=arg.eval_split, data_dir=data_dir)
+  eval_data = common.data_fields(arg, arg.eval_split)
   eval_pp = 'decode|value_range(-1, 1)|keep("image", "label")'
   config.evals = dict(
       val=dict(type="packed_classification", log_steps=200, batch_size=32, data=eval_data,

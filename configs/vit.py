@@ -9,59 +9,20 @@ Arguments: `configs/vit.py:variant=S/16,res=224,dataset=imagenet2012,num_classes
 (`variant=mini/4` is the CPU default; any ViT variant such as Ti/16, S/16, B/32 works),
 plus any `--config.<field>=<value>` override.
 """
-import ml_collections
-
 from big_vision_lite import config_lib
+from configs import common
 
 MINI = dict(width=96, depth=4, mlp_dim=384, num_heads=4)
 
 
 def get_config(arg: str | None = None):
   """Returns the ConfigDict of a ViT classification run."""
-  arg = config_lib.parse_arg(
-      arg, variant="mini/4", res=32, batch_size=128, total_steps=400, dataset="shapes",
-      train_split="train", eval_split="test", num_classes=10, lr=1.5e-3, data_dir="")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.task = "classification"
-  config.total_steps = arg.total_steps
-
-  config.input = dict(batch_size=arg.batch_size)
-  data_dir = arg.data_dir or None
-  config.input.data = dict(name=arg.dataset, split=arg.train_split, data_dir=data_dir)
-  labels = f'onehot({arg.num_classes}, key="label", key_result="labels")'
-  config.input.pp = (f"decode|resize({arg.res})|flip_lr|"
-                     f'value_range(-1, 1)|{labels}|keep("image", "labels")')
-  config.input.bad_records = "fail"  # Or "skip": replace and count undecodable records.
-
-  config.model_name = "vit"
+  arg = config_lib.parse_arg(arg, variant="mini/4", res=32, batch_size=128, total_steps=400,
+                             lr=1.5e-3, **common.DATA_ARGS)
   size, patch = arg.variant.split("/")
   if size == "mini":
-    config.model = dict(MINI, patch_size=(int(patch), int(patch)))
+    model = dict(MINI, patch_size=(int(patch), int(patch)))
   else:
-    config.model = dict(variant=arg.variant)
-  config.model.num_classes = arg.num_classes
-  config.model.pool_type = "gap"
-  config.model.posemb = "learn"
-
-  config.optax_name = "adamw"
-  config.optax = dict(b2=0.999)
-  config.lr = arg.lr
-  config.wd = 1e-4
-  config.schedule = dict(decay_type="cosine", warmup_percent=0.05)
-  config.grad_clip_norm = 1.0
-
-  config.log_training_steps = 50
-  config.ckpt_steps = 200
-  config.keep_ckpt = 2
-  config.init_from = ""  # A run or import dir to start from (`tools/import_timm.py`).
-  config.init_skip = ()  # Regexes of params kept fresh, e.g. ("head/.*",) for a new head.
-  config.mesh = (("data", -1),)
-  config.sharding_rules = ((".*", "replicate"),)
-  config.debug = dict(inject_nan_step=0)  # > 0: that step's loss is NaN (tests the stop).
-
-  config.evals = dict(val=dict(
-      type="classification", log_steps=200, batch_size=256,
-      data=dict(name=arg.dataset, split=arg.eval_split, data_dir=data_dir),
-      pp=f'decode|resize({arg.res})|value_range(-1, 1)|{labels}|keep("image", "labels")'))
-  return config
+    model = dict(variant=arg.variant)
+  model.update(num_classes=arg.num_classes, pool_type="gap", posemb="learn")
+  return common.classification(arg, "vit", model, wd=1e-4)

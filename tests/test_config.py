@@ -1,4 +1,5 @@
 """Config parsing and validation: every mistake fails before compute, naming the field."""
+import importlib
 import os
 import subprocess
 import sys
@@ -88,3 +89,17 @@ def test_command_line_override_of_wrong_type_fails():
       env=dict(os.environ, XLA_FLAGS=""))
   assert proc.returncode != 0
   assert "total_steps" in proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f != "common.py"
+    and f.endswith(".py")))
+def test_every_config_takes_the_fault_overrides_when_locked(name):
+  """`--config.debug.inject_nan_step=N` and `--config.input.bad_records=skip` reach a
+  locked config (as from the command line) for every model: configs/common.py sets both."""
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.lock()
+  assert (config.debug.inject_nan_step, config.input.bad_records) == (0, "fail")
+  config.debug.inject_nan_step = 3
+  config.input.bad_records = "skip"
+  config_lib.validate(config)
