@@ -11,9 +11,8 @@ a learned mask token predicts the pixels, and the loss is the MSE on the masked 
 per-patch normalised pixels. Fine-tuning (`configs/convnext2.py` with `init_from`) takes
 the encoder and starts a fresh head (`convnext2.load`); use the same `variant` and a
 resolution that is a multiple of 32 for the pre-training.
-The default (64 x 64 images: a 2 x 2 grid, 1 cell visible; 300 steps of batch 64, the
-paper's AdamW with base lr 1.5e-4 per 256 images scaled up for the short run) takes a few
-minutes on 2 CPU cores. Arguments: `variant` (atto ... huge), `res` (multiple of 32;
+The default: 64 x 64 images (a 2 x 2 grid, 1 cell visible), 200 steps of batch 32, the
+paper's AdamW betas and weight decay with a larger learning rate for the short run. Arguments: `variant` (atto ... huge), `res` (multiple of 32;
 224 for ImageNet), `mask_ratio`, `decoder_dim`, `decoder_depth`, `norm_pix_loss`, `grn`
 (false: the encoder without GRN, for the feature-collapse comparison), `dataset`,
 `batch_size`, `total_steps`, `lr`, `data_dir`, plus `--config.<field>=<value>` overrides.
@@ -25,7 +24,7 @@ from configs import common
 def get_config(arg: str | None = None):
   """Returns the ConfigDict of an FCMAE pre-training run."""
   arg = config_lib.parse_arg(
-      arg, variant="atto", res=64, batch_size=64, total_steps=300, dataset="shapes",
+      arg, variant="atto", res=64, batch_size=32, total_steps=200, dataset="shapes",
       train_split="train", mask_ratio=0.6, decoder_dim=512, decoder_depth=1,
       norm_pix_loss=True, grn=True, lr=2e-3, wd=0.05, data_dir="")
   if arg.res % 32:
