@@ -12,10 +12,11 @@ per-patch normalised pixels. Fine-tuning (`configs/convnext2.py` with `init_from
 the encoder and starts a fresh head (`convnext2.load`); use the same `variant` and a
 resolution that is a multiple of 32 for the pre-training.
 The default: 64 x 64 images (a 2 x 2 grid, 1 cell visible), 200 steps of batch 32, the
-paper's AdamW betas and weight decay with a larger learning rate for the short run. Arguments: `variant` (atto ... huge), `res` (multiple of 32;
-224 for ImageNet), `mask_ratio`, `decoder_dim`, `decoder_depth`, `norm_pix_loss`, `grn`
-(false: the encoder without GRN, for the feature-collapse comparison), `dataset`,
-`batch_size`, `total_steps`, `lr`, `data_dir`, plus `--config.<field>=<value>` overrides.
+paper's AdamW betas and weight decay with a larger learning rate for the short run.
+Arguments: `variant` (atto ... huge), `res` (multiple of 32; 224 for ImageNet),
+`mask_ratio`, `decoder_dim`, `decoder_depth`, `norm_pix_loss`, `grn` (false: the encoder
+without GRN, for the feature-collapse comparison), `dataset`, `batch_size`, `total_steps`,
+`lr`, `data_dir`, plus `--config.<field>=<value>` overrides.
 """
 from big_vision_lite import config_lib
 from configs import common

@@ -59,6 +59,7 @@ def test_model_shapes_depth_override_and_attention_maps():
     deepvit.Model(reattention_norm="batchnorm")
 
 
+@pytest.mark.slow
 def test_deep_config_trains(tmp_path):
   from big_vision_lite import train  # pylint: disable=g-import-not-at-top
   from configs import deepvit as deepvit_config  # pylint: disable=g-import-not-at-top

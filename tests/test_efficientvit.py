@@ -264,6 +264,7 @@ def test_index_buffers_of_older_checkpoints_are_checked():
     import_timm.convert("efficientvit_m0", state)
 
 
+@pytest.mark.slow
 def test_config_trains(tmp_path):
   from big_vision_lite import config_lib  # pylint: disable=g-import-not-at-top
   from big_vision_lite import train  # pylint: disable=g-import-not-at-top

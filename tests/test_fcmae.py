@@ -188,6 +188,7 @@ def test_pretraining_lowers_the_loss_and_draws(pretrained, tmp_path):
   assert len(curves["fcmae"]) == 4 and collapse_png.stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_finetuning_starts_from_the_encoder(pretrained, tmp_path):
   """configs/convnext2.py with init_from = the FCMAE run: the train loop accepts it
   (convnext2.LOADS_FROM), takes the encoder and starts a fresh head."""

@@ -199,6 +199,7 @@ def test_bad_images_raise():
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((32, 32, 3)))
 
 
+@pytest.mark.slow
 def test_config_trains(tmp_path):
   from big_vision_lite import train  # pylint: disable=g-import-not-at-top
   from configs import internimage as internimage_config  # pylint: disable=g-import-not-at-top

@@ -186,6 +186,7 @@ def test_unsupported_name_is_named(name):
     import_timm.convert(name, _small_state())
 
 
+@pytest.mark.slow
 def test_config_trains(tmp_path):
   from big_vision_lite import train  # pylint: disable=g-import-not-at-top
   from configs import mobilevit2 as mobilevit2_config  # pylint: disable=g-import-not-at-top

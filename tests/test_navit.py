@@ -334,6 +334,7 @@ def test_packed_training_resumes_exactly_and_evaluates(tmp_path):
     assert 0.0 <= final[f"{name}/top1"] <= final[f"{name}/top5"] <= 1.0
 
 
+@pytest.mark.slow
 def test_packed_training_loss_falls(tmp_path):
   config = tiny_config(total_steps=80, lr=2e-3)
   config.input.data.name = "shapes"

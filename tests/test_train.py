@@ -45,6 +45,7 @@ def state_params(workdir):
   return checkpointing.load_params(workdir)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_accuracy_rises(tmp_path):
   config = tiny_config(total_steps=250, lr=2e-3)
   config.model.update(width=64, patch_size=(4, 4))
@@ -146,6 +147,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert "SIGTERM" in out
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_ignored(tmp_path):
   workdir = str(tmp_path)
   config = tiny_config(total_steps=4)
@@ -159,6 +161,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
   assert checkpointing.Checkpointer(workdir).all_steps()[-1] == 4
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   workdir = str(tmp_path)
   config = tiny_config(total_steps=8, ckpt_steps=2)
