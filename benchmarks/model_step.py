@@ -49,7 +49,11 @@ flags.DEFINE_string("json_out", None, "Also write the rows as JSON lines here.")
 
 
 def build_step(model: Any, variables: dict[str, Any], tx: optax.GradientTransformation):
-  """Jitted step(state, images, labels) -> (state, loss), the state donated."""
+  """Jitted step(state, images, labels) -> (state, loss), the state donated.
+
+  A plain-JAX copy of the train loop's step (`train.make_train_step`) without its config
+  and mesh: accelerator images often lack ml_collections/tfds, which `train` imports.
+  """
   collections = [k for k in variables if k != "params"]
 
   def loss_fn(params, extra, images, labels):

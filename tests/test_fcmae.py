@@ -48,6 +48,9 @@ def test_patchify_layout_and_inverse():
       want = x[1, i * 32:(i + 1) * 32, j * 32:(j + 1) * 32].reshape(-1)
       np.testing.assert_array_equal(patches[1, i, j], want)
   np.testing.assert_array_equal(fcmae.unpatchify(jnp.asarray(patches), 3), x)
+  visible = np.array([[1, 0], [0, 1]], np.float32).reshape(1, 2, 2, 1)
+  want = np.repeat(np.repeat(visible, 32, axis=1), 32, axis=2).repeat(3, axis=3)
+  np.testing.assert_array_equal(fcmae.pixel_mask(jnp.asarray(visible), 3), want)
 
 
 def test_targets_and_masked_mse_on_known_inputs():
@@ -74,7 +77,7 @@ def test_masked_pixels_never_reach_the_prediction():
   x = images(2, 64)
   visible = fcmae.random_mask(jax.random.key(3), 2, (2, 2), 0.5)
   variables = model.init(jax.random.key(0), x, mask=visible)
-  pixel_visible = fcmae.unpatchify(jnp.broadcast_to(visible, (2, 2, 2, 32 * 32 * 3)), 3)
+  pixel_visible = fcmae.pixel_mask(visible, 3)
   noise = images(2, 64, seed=7) * 50
   changed = jnp.where(pixel_visible > 0, x, noise)
   apply = jax.jit(model.apply)

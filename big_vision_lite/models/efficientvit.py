@@ -306,10 +306,7 @@ class Model(nn.Module):
                ) -> tuple[jax.Array, dict[str, Any]]:
     """images [B, H, W, 3] -> (logits [B, C] (pre-logits [B, D] if num_classes=0), aux with
     "stem" and "stage{i}" feature maps and "pre_logits")."""
-    if (images.ndim != 4 or images.shape[-1] != 3
-        or not jnp.issubdtype(images.dtype, jnp.floating)):
-      raise ValueError(f"EfficientViT expects float NHWC images [B, H, W, 3], got "
-                       f"{images.dtype} {images.shape} (NCHW input must be transposed).")
+    vit.check_images(images, "EfficientViT")
     hp = self.hparams()
     aux: dict[str, Any] = {}
     x = aux["stem"] = Stem(hp["embed_dim"][0], name="stem")(images, train)

@@ -50,16 +50,33 @@ def unpatchify(patches: jax.Array, channels: int, patch: int = PATCH) -> jax.Arr
   return x.reshape(b, h * patch, w * patch, channels)
 
 
-def patch_targets(images: jax.Array, normalise: bool = True, eps: float = 1e-6
-                  ) -> jax.Array:
-  """Reconstruction targets [B, h, w, p·p·C]; with `normalise`, each patch's pixels minus
-  their mean, divided by sqrt(their variance + eps)."""
+def patch_stats(patches: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+  """Each patch's pixel mean and sqrt(variance + eps): patches [..., P] -> 2 x [..., 1]."""
+  return patches.mean(-1, keepdims=True), jnp.sqrt(patches.var(-1, keepdims=True) + eps)
+
+
+def patch_targets(images: jax.Array, normalise: bool = True) -> jax.Array:
+  """Reconstruction targets [B, h, w, p·p·C]; with `normalise`, each patch's pixels
+  standardised by its `patch_stats`."""
   target = patchify(images.astype(jnp.float32))
   if not normalise:
     return target
-  mean = target.mean(-1, keepdims=True)
-  var = target.var(-1, keepdims=True)
-  return (target - mean) / jnp.sqrt(var + eps)
+  mean, std = patch_stats(target)
+  return (target - mean) / std
+
+
+def pixel_mask(visible: jax.Array, channels: int, patch: int = PATCH) -> jax.Array:
+  """Cell visibility [B, h, w, 1] -> pixel visibility [B, h·p, w·p, C]."""
+  cells = jnp.broadcast_to(visible, visible.shape[:3] + (patch * patch * channels,))
+  return unpatchify(cells, channels, patch)
+
+
+def mask_grid(shape: tuple[int, ...]) -> tuple[int, int]:
+  """The (h, w) grid of mask cells of an image batch shape [B, H, W, C], checked."""
+  if len(shape) != 4 or shape[1] % PATCH or shape[2] % PATCH:
+    raise ValueError(f"FCMAE needs images [B, H, W, C] with H and W multiples of {PATCH} "
+                     f"(pp resize), got {tuple(shape)}.")
+  return shape[1] // PATCH, shape[2] // PATCH
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, visible: jax.Array) -> jax.Array:
@@ -99,10 +116,7 @@ class Model(nn.Module):
                mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
     """images [B, H, W, C] (H, W multiples of 32), mask [B, H/32, W/32, 1] (1 = visible;
     None: all visible) -> (pred [B, H/32, W/32, 32·32·C], aux with "features")."""
-    if images.ndim != 4 or images.shape[1] % PATCH or images.shape[2] % PATCH:
-      raise ValueError(f"FCMAE needs NHWC images with sides multiples of {PATCH}, got "
-                       f"{images.shape}.")
-    grid = (images.shape[1] // PATCH, images.shape[2] // PATCH)
+    grid = mask_grid(images.shape)
     if mask is not None and mask.shape != (images.shape[0], *grid, 1):
       raise ValueError(f"FCMAE mask must be [B, H/{PATCH}, W/{PATCH}, 1] = "
                        f"{(images.shape[0], *grid, 1)}, got {mask.shape}.")

@@ -238,10 +238,7 @@ class Model(nn.Module):
     aux: "stem" and "stage0".."stage3" feature maps (before downsampling), "pre_logits"
     [B, cls_scale·C4] and "logits"; with num_classes 0 the output is the pre-logits.
     """
-    if images.ndim != 4 or images.shape[-1] != 3 or not jnp.issubdtype(images.dtype,
-                                                                        jnp.floating):
-      raise ValueError(f"InternImage expects float NHWC images [B, H, W, 3], got "
-                       f"{images.dtype} {images.shape}.")
+    vit.check_images(images, "InternImage")
     hp = self.hparams()
     widths, depths = hp["widths"], hp["depths"]
     aux: dict[str, Any] = {}

@@ -270,12 +270,7 @@ class Model(nn.Module):
     """images [B, H, W, 3] -> (logits [B, C] of `train_task`, aux with "task_logits")."""
     hp = self.hparams()
     patch, width = hp["patch_size"], hp["width"]
-    if (images.ndim != 4 or images.shape[-1] != 3
-        or not jnp.issubdtype(images.dtype, jnp.floating)):
-      raise ValueError(f"MemoryViT expects float NHWC images [B, H, W, 3], got "
-                       f"{images.dtype} {images.shape} (NCHW input must be transposed).")
-    if images.shape[1] < patch[0] or images.shape[2] < patch[1]:
-      raise ValueError(f"Images {images.shape[1:3]} are smaller than one patch {patch}.")
+    vit.check_images(images, "MemoryViT", patch)
     aux: dict[str, Any] = {}
     x, aux["stem"] = vit.embed_patches(self, images, width, patch, self.posemb,
                                        self.pool_type == "tok", self.dtype_mm)  # [B, (1+)N, D]
@@ -304,13 +299,8 @@ class Model(nn.Module):
         name="Transformer")(x, task_cls, memory, mask, train)
     aux.update(encoder_aux)
     aux["encoded"] = x
-    if self.pool_type == "tok":
-      x = x[:, 0]  # [B, D]
-    elif self.pool_type == "gap":
-      x = x.mean(axis=1)  # [B, D]
-    else:
-      x = vit.MAPHead(hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
-                      self.layernorm_eps, self.dtype_mm, name="MAPHead_0")(x)  # [B, D]
+    x = vit.pool_tokens(x, self.pool_type, hp["mlp_dim"], hp["num_heads"],
+                        self.gelu_approximate, self.layernorm_eps, self.dtype_mm)  # [B, D]
     if not pre_pool:
       fc_norm = nn.LayerNorm(epsilon=self.layernorm_eps, name="fc_norm")
       x = fc_norm(x)

@@ -15,7 +15,7 @@ a multiple of p is resized (bilinear) up to one for the transformer and back, as
 
 The pieces shared with MobileViT v2 (`mobilevit2.py`) live here: `ConvBN`,
 `InvertedResidual`, `unfold_patches` / `fold_patches`, `resize_bilinear`, `make_divisible`,
-`resolve_architecture`, `check_images` and `classifier_head`.
+`resolve_architecture` and `classifier_head`.
 """
 import math
 from typing import Any, Mapping, Sequence
@@ -99,14 +99,6 @@ def check_common_fields(patch_size: int, mlp_ratio: float, dropout: float,
   for field, rate in (("dropout", dropout), ("drop_path", drop_path)):
     if not 0.0 <= rate < 1.0:
       raise ValueError(f"Model field {field!r} must be in [0, 1), got {rate!r}.")
-
-
-def check_images(images: jax.Array, what: str) -> None:
-  """Raises a ValueError unless `images` are float NHWC [B, H, W, 3]."""
-  if (images.ndim != 4 or images.shape[-1] != 3
-      or not jnp.issubdtype(images.dtype, jnp.floating)):
-    raise ValueError(f"{what} expects float NHWC images [B, H, W, 3], got {images.dtype} "
-                     f"{images.shape} (NCHW input must be transposed).")
 
 
 def _interpolation_matrix(size_in: int, size_out: int, align_corners: bool) -> np.ndarray:
@@ -348,7 +340,7 @@ class Model(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False
                ) -> tuple[jax.Array, dict[str, Any]]:
     """images [B, H, W, 3] -> (logits [B, num_classes] or features [B, C], aux)."""
-    check_images(images, "MobileViT")
+    vit.check_images(images, "MobileViT")
     hp = self.hparams()
     aux: dict[str, Any] = {}
     x = ConvBN(hp["stem_width"], 3, 2, name="stem")(images, train)  # [B, H/2, W/2, C]

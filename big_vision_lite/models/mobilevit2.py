@@ -155,7 +155,7 @@ class Model(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False
                ) -> tuple[jax.Array, dict[str, Any]]:
     """images [B, H, W, 3] -> (logits [B, num_classes] or features [B, C], aux)."""
-    mobilevit.check_images(images, "MobileViT v2")
+    vit.check_images(images, "MobileViT v2")
     hp = self.hparams()
     aux: dict[str, Any] = {}
     x = mobilevit.ConvBN(hp["stem_width"], 3, 2, name="stem")(images, train)

@@ -36,6 +36,31 @@ def check_choice(field: str, value: Any, accepted: Sequence[Any]) -> None:
                      f"got {value!r}.")
 
 
+def check_images(images: jax.Array, what: str, patch: tuple[int, int] | None = None
+                 ) -> None:
+  """Raises a ValueError unless `images` are float NHWC [B, H, W, 3] (at least one patch)."""
+  if (images.ndim != 4 or images.shape[-1] != 3
+      or not jnp.issubdtype(images.dtype, jnp.floating)):
+    raise ValueError(f"{what} expects float NHWC images [B, H, W, 3], got {images.dtype} "
+                     f"{images.shape} (NCHW input must be transposed).")
+  if patch and (images.shape[1] < patch[0] or images.shape[2] < patch[1]):
+    raise ValueError(f"Images {images.shape[1:3]} are smaller than one patch {patch}.")
+
+
+def pool_tokens(x: jax.Array, pool_type: str, mlp_dim: int, num_heads: int,
+                gelu_approximate: bool, layernorm_eps: float, dtype_mm: str) -> jax.Array:
+  """Tokens [B, N, D] -> [B, D]: the first ("tok"), the mean ("gap"), a MAPHead_0 of the
+  calling module ("map"); "none" keeps [B, N, D]."""
+  if pool_type == "tok":
+    return x[:, 0]
+  if pool_type == "gap":
+    return x.mean(axis=1)
+  if pool_type == "map":
+    return MAPHead(mlp_dim, num_heads, gelu_approximate, layernorm_eps, dtype_mm,
+                   name="MAPHead_0")(x)
+  return x
+
+
 def check_encoder_fields(hp: Mapping[str, Any], dropout: float, drop_path: float) -> None:
   """Checks a transformer's hparams (width, num_heads) and its dropout rates."""
   if hp["width"] % hp["num_heads"]:
@@ -351,14 +376,8 @@ class Model(nn.Module):
                return_attention: bool = False) -> tuple[jax.Array, dict[str, Any]]:
     """images [B, H, W, 3] -> (logits [B, C] ([B, N, C] for pool "none"), aux)."""
     hp = self.hparams()
-    patch = hp["patch_size"]
-    if (images.ndim != 4 or images.shape[-1] != 3
-        or not jnp.issubdtype(images.dtype, jnp.floating)):
-      raise ValueError(f"ViT expects float NHWC images [B, H, W, 3], got {images.dtype} "
-                       f"{images.shape} (NCHW input must be transposed).")
-    if images.shape[1] < patch[0] or images.shape[2] < patch[1]:
-      raise ValueError(f"Images {images.shape[1:3]} are smaller than one patch {patch}.")
-    width = hp["width"]
+    patch, width = hp["patch_size"], hp["width"]
+    check_images(images, "ViT", patch)
     aux: dict[str, Any] = {}
     x, aux["stem"] = embed_patches(self, images, width, patch, self.posemb,
                                    self.pool_type == "tok", self.dtype_mm)  # [B, (1+)N, D]
@@ -370,13 +389,8 @@ class Model(nn.Module):
         name="Transformer")(x, train=train, return_attention=return_attention)
     aux.update(encoder_aux)
     aux["encoded"] = x
-    if self.pool_type == "tok":
-      x = x[:, 0]  # [B, D]
-    elif self.pool_type == "gap":
-      x = x.mean(axis=1)  # [B, D]
-    elif self.pool_type == "map":
-      x = MAPHead(hp["mlp_dim"], hp["num_heads"], self.gelu_approximate, self.layernorm_eps,
-                  self.dtype_mm)(x)  # [B, D]
+    x = pool_tokens(x, self.pool_type, hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
+                    self.layernorm_eps, self.dtype_mm)  # [B, D] ([B, N, D] for "none")
     if not pre_pool:
       x = nn.LayerNorm(epsilon=self.layernorm_eps, name="fc_norm")(x)
     aux["pre_logits"] = x

@@ -47,3 +47,10 @@ class Task:
       out, aux = self.model.apply(variables, images, train=train, rngs=rngs, **kwargs)
       new_extra = extra
     return out, aux, new_extra
+
+  def apply_eval(self, variables: dict[str, Any], images: jax.Array, **kwargs: Any
+                 ) -> tuple[Any, Any]:
+    """Runs the model in eval mode on a whole variables dict; returns (out, aux)."""
+    extra = {k: v for k, v in variables.items() if k != "params"}
+    out, aux, _ = self.apply(variables["params"], extra, images, None, False, **kwargs)
+    return out, aux

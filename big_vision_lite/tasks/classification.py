@@ -63,7 +63,5 @@ class Classification(Task):
     return loss, ({"loss": loss, "accuracy": correct.mean()}, new_extra)
 
   def predict(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
-    params = variables["params"]
-    extra = {k: v for k, v in variables.items() if k != "params"}
-    logits, _, _ = self.apply(params, extra, batch["image"], None, train=False)
+    logits, _ = self.apply_eval(variables, batch["image"])
     return logits.astype(jnp.float32)  # [B, C]

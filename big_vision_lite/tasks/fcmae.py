@@ -36,10 +36,7 @@ def options(config: ml_collections.ConfigDict) -> tuple[float, bool]:
 
 def image_grid(images: jax.Array, mask_ratio: float) -> tuple[int, int]:
   """The (h, w) mask grid of a batch, checked to leave >= 1 visible and >= 1 masked cell."""
-  if images.ndim != 4 or images.shape[1] % fcmae.PATCH or images.shape[2] % fcmae.PATCH:
-    raise ValueError(f"FCMAE needs images [B, H, W, C] with H and W multiples of "
-                     f"{fcmae.PATCH} (pp resize), got {images.shape}.")
-  grid = (images.shape[1] // fcmae.PATCH, images.shape[2] // fcmae.PATCH)
+  grid = fcmae.mask_grid(images.shape)
   keep = int(grid[0] * grid[1] * (1 - mask_ratio))
   if not 0 < keep < grid[0] * grid[1]:
     raise ValueError(f"Config field 'fcmae.mask_ratio' {mask_ratio} on a {grid[0]}x{grid[1]} "
@@ -59,15 +56,14 @@ class FCMAE(Task):
                        f"{config.get('model_name')!r}.")
     options(config)
 
-  def reconstruct(self, params: Any, extra: dict[str, Any], images: jax.Array,
-                  mask_rng: jax.Array, rng: jax.Array | None, train: bool
-                  ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, Any]]:
-    """(pred, normalised targets [B, h, w, 32·32·C], visible [B, h, w, 1], new extra)."""
-    mask_ratio, norm_pix = options(self.config)
-    visible = fcmae.random_mask(mask_rng, images.shape[0], image_grid(images, mask_ratio),
-                                mask_ratio)
-    pred, _, new_extra = self.apply(params, extra, images, rng, train, mask=visible)
-    return pred.astype(jnp.float32), fcmae.patch_targets(images, norm_pix), visible, new_extra
+  def random_mask(self, images: jax.Array, rng: jax.Array) -> jax.Array:
+    """Visibility [B, h, w, 1] of a batch of images under the config's mask_ratio."""
+    mask_ratio, _ = options(self.config)
+    return fcmae.random_mask(rng, images.shape[0], image_grid(images, mask_ratio), mask_ratio)
+
+  def targets(self, images: jax.Array) -> jax.Array:
+    """Reconstruction targets [B, h, w, 32·32·C] under the config's norm_pix_loss."""
+    return fcmae.patch_targets(images, options(self.config)[1])
 
   def loss(self, params: Any, extra: dict[str, Any], batch: dict[str, jax.Array],
            rng: jax.Array) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, Any]]]:
@@ -75,16 +71,16 @@ class FCMAE(Task):
       raise ValueError(f"The fcmae task needs batch key 'image'; the batch has {sorted(batch)} "
                        "(config field 'input.pp' must keep it).")
     mask_rng, dropout_rng = jax.random.split(rng)
-    pred, target, visible, new_extra = self.reconstruct(params, extra, batch["image"],
-                                                        mask_rng, dropout_rng, True)
-    loss = fcmae.masked_mse(pred, target, visible)
+    visible = self.random_mask(batch["image"], mask_rng)
+    pred, _, new_extra = self.apply(params, extra, batch["image"], dropout_rng, True,
+                                    mask=visible)
+    loss = fcmae.masked_mse(pred, self.targets(batch["image"]), visible)
     return loss, ({"loss": loss, "visible_fraction": visible.mean()}, new_extra)
 
   def predict(self, variables: dict[str, Any], batch: dict[str, jax.Array]
               ) -> dict[str, jax.Array]:
     """Reconstructions under fixed masks: pred, target [B, h, w, 32·32·C], visible."""
-    params = variables["params"]
-    extra = {k: v for k, v in variables.items() if k != "params"}
-    pred, target, visible, _ = self.reconstruct(
-        params, extra, batch["image"], jax.random.key(PREDICT_SEED), None, False)
-    return {"pred": pred, "target": target, "visible": visible}
+    visible = self.random_mask(batch["image"], jax.random.key(PREDICT_SEED))
+    pred, _ = self.apply_eval(variables, batch["image"], mask=visible)
+    return {"pred": pred.astype(jnp.float32), "target": self.targets(batch["image"]),
+            "visible": visible}

@@ -72,8 +72,5 @@ class PackedClassification(Task):
                    "images_per_row": mask.sum(-1).mean(), "token_fill": tokens}, new_extra)
 
   def predict(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
-    params = variables["params"]
-    extra = {k: v for k, v in variables.items() if k != "params"}
-    logits, _, _ = self.apply(params, extra, batch["patches"], None, train=False,
-                              **self._model_inputs(batch))
+    logits, _ = self.apply_eval(variables, batch["patches"], **self._model_inputs(batch))
     return logits.astype(jnp.float32)  # [B, S, C]

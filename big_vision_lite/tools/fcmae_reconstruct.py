@@ -21,6 +21,7 @@ from big_vision_lite.input import data as data_lib
 from big_vision_lite.models import fcmae
 from big_vision_lite.tools import plot
 
+
 def run_config(workdir: str) -> dict:
   """The run's config.json as a dict."""
   path = os.path.join(workdir, "config.json")
@@ -36,7 +37,7 @@ def reconstruct(model: fcmae.Model, variables: dict, images: jax.Array, visible:
   pred, _ = model.apply(variables, images, mask=visible)  # [B, h, w, 32·32·C]
   patches = fcmae.patchify(images)
   if norm_pix_loss:
-    mean, std = patches.mean(-1, keepdims=True), jnp.sqrt(patches.var(-1, keepdims=True) + 1e-6)
+    mean, std = fcmae.patch_stats(patches)
     pred = pred * std + mean
   merged = jnp.where(visible > 0, patches, pred)
   return fcmae.unpatchify(merged, images.shape[-1])
@@ -61,9 +62,7 @@ def write_picture(run_dir: str, out: str, num_images: int = 8, res: int = 64, se
   visible = fcmae.random_mask(jax.random.key(seed), num_images, grid,
                               options.get("mask_ratio", 0.6))
   recon = reconstruct(model, variables, images, visible, options.get("norm_pix_loss", True))
-  pixel_visible = fcmae.unpatchify(jnp.broadcast_to(
-      visible, visible.shape[:3] + (fcmae.PATCH ** 2 * images.shape[-1],)), images.shape[-1])
-  masked = jnp.where(pixel_visible > 0, images, -1.0)
+  masked = jnp.where(fcmae.pixel_mask(visible, images.shape[-1]) > 0, images, -1.0)
   to_unit = lambda x: np.asarray((x + 1.0) / 2.0)
   plot.image_grid([to_unit(images), to_unit(masked), to_unit(recon)], out, scale=scale)
   error = float(((recon - images) ** 2).mean())
