@@ -1,15 +1,30 @@
-"""Test set-up: 8 virtual CPU devices (set before jax is imported), the `slow` marker and
-the live timm references."""
+"""Test set-up: 8 virtual CPU devices and a JAX compilation cache shared by the session
+(both set before jax is imported), the `slow` marker and the live timm references."""
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests train the same small configs: their steps compile once per session, not once
+# per test (subprocesses inherit the cache). A cache dir set by the caller is kept.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="bvl_test_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
