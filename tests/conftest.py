@@ -1,6 +1,7 @@
 """Test set-up: 8 virtual CPU devices and a JAX compilation cache shared by the session
 (both set before jax is imported), the `slow` marker and the live timm references."""
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -45,3 +46,18 @@ def timm_live_dir(tmp_path_factory):
   subprocess.run([sys.executable, script, "--out", str(out), "--seed", "3"], check=True,
                  capture_output=True, timeout=900)
   return str(out)
+
+
+@pytest.fixture
+def train_losses(tmp_path):
+  """run(config, log_every) trains `config` in tmp_path on one device without evals and
+  returns the logged training losses."""
+  def run(config, log_every: int) -> list[float]:
+    from big_vision_lite import train  # pylint: disable=g-import-not-at-top
+    config.log_training_steps = log_every
+    config.mesh = [("data", 1)]
+    config.evals = {}
+    train.train_and_evaluate(config, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+      return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+  return run

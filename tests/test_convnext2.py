@@ -254,15 +254,9 @@ def test_fcmae_style_weights_without_head_convert():
   np.testing.assert_array_equal(variables["params"]["head_norm"]["scale"], 1.0)
 
 
-def test_config_trains(tmp_path):
-  from big_vision_lite import train  # pylint: disable=g-import-not-at-top
+def test_config_trains(train_losses):
   from configs import convnext2 as convnext2_config  # pylint: disable=g-import-not-at-top
   config = convnext2_config.get_config("total_steps=100,batch_size=32,lr=5e-3")
   config.model.update(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64))
-  config.log_training_steps = 5
-  config.mesh = [("data", 1)]
-  config.evals = {}
-  train.train_and_evaluate(config, str(tmp_path))
-  lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  losses = [line["train/loss"] for line in lines if "train/loss" in line]
+  losses = train_losses(config, log_every=5)
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses

@@ -1,5 +1,4 @@
 """DeepViT: Re-Attention against plain attention and a naive formula; model shapes."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -60,17 +59,11 @@ def test_model_shapes_depth_override_and_attention_maps():
 
 
 @pytest.mark.slow
-def test_deep_config_trains(tmp_path):
-  from big_vision_lite import train  # pylint: disable=g-import-not-at-top
+def test_deep_config_trains(train_losses):
   from configs import deepvit as deepvit_config  # pylint: disable=g-import-not-at-top
   config = deepvit_config.get_config("depth=6,total_steps=120,batch_size=64,lr=2e-3")
   config.model.update(width=64, mlp_dim=128, num_heads=4, patch_size=(8, 8))
-  config.log_training_steps = 20
-  config.mesh = [("data", 1)]
-  config.evals = {}
-  train.train_and_evaluate(config, str(tmp_path))
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  losses = [l["train/loss"] for l in lines if "train/loss" in l]
+  losses = train_losses(config, log_every=20)
   assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.03, losses
 
 

@@ -265,17 +265,11 @@ def test_index_buffers_of_older_checkpoints_are_checked():
 
 
 @pytest.mark.slow
-def test_config_trains(tmp_path):
+def test_config_trains(train_losses):
   from big_vision_lite import config_lib  # pylint: disable=g-import-not-at-top
-  from big_vision_lite import train  # pylint: disable=g-import-not-at-top
   from configs import efficientvit as efficientvit_config  # pylint: disable=g-import-not-at-top
   config_lib.validate(efficientvit_config.get_config("variant=M5,res=224,num_classes=1000"))
   config = efficientvit_config.get_config("res=32,total_steps=120,batch_size=32,lr=4e-3")
   config.model.update(embed_dim=(32, 48), num_heads=(2, 2), depth=(1, 1))  # Two stages.
-  config.log_training_steps = 5
-  config.mesh = [("data", 1)]
-  config.evals = {}
-  train.train_and_evaluate(config, str(tmp_path))
-  lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  losses = [line["train/loss"] for line in lines if "train/loss" in line]
+  losses = train_losses(config, log_every=5)
   assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.08, losses

@@ -200,16 +200,10 @@ def test_bad_images_raise():
 
 
 @pytest.mark.slow
-def test_config_trains(tmp_path):
-  from big_vision_lite import train  # pylint: disable=g-import-not-at-top
+def test_config_trains(train_losses):
   from configs import internimage as internimage_config  # pylint: disable=g-import-not-at-top
   config = internimage_config.get_config(  # Memorises 64 images: a clear signal in 40 steps.
       "res=32,batch_size=32,total_steps=40,lr=3e-3,drop_path=0.1,train_split=train[:64]")
   config.model.update(channels=16, depths=(1, 1, 1, 1))
-  config.log_training_steps = 5
-  config.mesh = [("data", 1)]
-  config.evals = {}
-  train.train_and_evaluate(config, str(tmp_path))
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  losses = [l["train/loss"] for l in lines if "train/loss" in l]
+  losses = train_losses(config, log_every=5)
   assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.5, losses

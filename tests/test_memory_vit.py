@@ -306,16 +306,12 @@ def test_headless_base_and_foreign_checkpoints_are_checked(tmp_path):
     memory_config.get_config(f"init_from={tmp_path}")
 
 
-def test_config_trains_memory_on_a_fresh_base(tmp_path):
+def test_config_trains_memory_on_a_fresh_base(train_losses):
   """The default recipe (memory, class token and head; the fresh base frozen) fits 64
   training images within 50 steps."""
   config = tiny_config("memory=4,total_steps=50,batch_size=32,lr=1e-2")
   config.input.data.split = "train[:64]"
-  config.log_training_steps = 10
-  config.evals = {}
-  train.train_and_evaluate(config, str(tmp_path))
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  losses = [l["train/loss"] for l in lines if "train/loss" in l]
+  losses = train_losses(config, log_every=10)
   assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.15, losses
 
 
