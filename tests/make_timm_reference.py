@@ -79,6 +79,12 @@ REFERENCES: dict[str, Reference] = {
 }
 
 
+def labels(prefix: str) -> tuple[list[str], list[str]]:
+  """(all reference labels starting with `prefix`, those saved under DATA_DIR)."""
+  found = sorted(label for label in REFERENCES if label.startswith(prefix))
+  return found, [label for label in found if os.path.isdir(os.path.join(DATA_DIR, label))]
+
+
 def make(label: str, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
   """Returns (state dict, NCHW input, eval-mode output) of a randomised small timm model."""
   import timm  # pylint: disable=import-outside-toplevel

@@ -199,7 +199,6 @@ def test_bad_images_raise():
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((32, 32, 3)))
 
 
-@pytest.mark.slow
 def test_config_trains(train_losses):
   from configs import internimage as internimage_config  # pylint: disable=g-import-not-at-top
   config = internimage_config.get_config(  # Memorises 64 images: a clear signal in 40 steps.

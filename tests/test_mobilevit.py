@@ -15,25 +15,10 @@ from big_vision_lite.tools import import_timm
 
 sys.path.insert(0, os.path.dirname(__file__))
 import make_timm_reference  # pylint: disable=wrong-import-position
+from random_init import random, random_variables  # pylint: disable=wrong-import-position
 
 DATA_DIR = make_timm_reference.DATA_DIR
-LABELS = sorted(label for label in make_timm_reference.REFERENCES
-                if label.startswith("mobilevit_"))
-SAVED_LABELS = [label for label in LABELS if os.path.isdir(os.path.join(DATA_DIR, label))]
-
-
-def random(shape, seed=0):
-  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def random_variables(module, *inputs, seed=0):
-  """Variables of `module` filled with N(0, 0.3²) (BatchNorm variances with ones), built
-  from shapes only: no RNG compilation."""
-  shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == "var"
-                       else random(s.shape, rng.integers(1 << 30)) * 0.3), shapes)
+LABELS, SAVED_LABELS = make_timm_reference.labels("mobilevit_")
 
 
 def count_params(model, res=256):

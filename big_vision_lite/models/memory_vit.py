@@ -199,39 +199,16 @@ class Encoder(nn.Module):
     return x, task_cls, aux
 
 
-class Model(nn.Module):
+class Model(vit.Model):
   """ViT + new tasks with memory. Base fields as `vit.Model`; `task_classes` (classes of
   each new task), `num_memory` (memory tokens per layer: one int for every task, or one
   per task), `train_task` (index of the task whose logits are `out`; 0 = original)."""
-  num_classes: int | None = None
   task_classes: Sequence[int] = ()
   num_memory: int | Sequence[int] = 0
   train_task: int = -1
-  variant: str | None = None
-  width: int = 768
-  depth: int = 12
-  mlp_dim: int | None = None
-  num_heads: int = 12
-  patch_size: Sequence[int] | int = (16, 16)
-  posemb: str = "learn"
-  pool_type: str = "gap"
-  head_zeroinit: bool = True
-  dropout: float = 0.0
-  drop_path: float = 0.0
-  final_norm: str = "pre_pool"
-  gelu_approximate: bool = True
-  layernorm_eps: float = 1e-6
-  dtype_mm: str = "float32"
 
   def __post_init__(self):
     vit.check_choice("pool_type", self.pool_type, POOL_TYPES)
-    vit.check_choice("posemb", self.posemb, vit.POSEMB_TYPES)
-    vit.check_choice("final_norm", self.final_norm, vit.FINAL_NORMS)
-    vit.check_choice("dtype_mm", self.dtype_mm, vit.DTYPES_MM)
-    hp = self.hparams()
-    if len(hp["patch_size"]) != 2:
-      raise ValueError(f"Model field 'patch_size' must be (h, w), got {self.patch_size!r}.")
-    vit.check_encoder_fields(hp, self.dropout, self.drop_path)
     if (isinstance(self.task_classes, (str, bytes))
         or not all(_is_count(c) and c > 0 for c in self.task_classes)):
       raise ValueError(f"Model field 'task_classes' must be a sequence of ints > 0 (classes "
@@ -243,13 +220,6 @@ class Model(nn.Module):
                        f"{num_tasks - 1}] (0 = the original head, -1 = the last task), got "
                        f"{self.train_task!r}.")
     super().__post_init__()
-
-  def hparams(self) -> dict[str, Any]:
-    """width, depth, mlp_dim, num_heads and patch_size after applying `variant`."""
-    patch = self.patch_size
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return vit.resolve_hparams(self.width, self.depth, self.mlp_dim, self.num_heads, patch,
-                               self.variant)
 
   def memory_per_task(self) -> tuple[int, ...]:
     """Memory tokens per layer of each new task (`num_memory` resolved)."""
