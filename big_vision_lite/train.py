@@ -47,23 +47,40 @@ class NonFiniteError(RuntimeError):
 
 
 class _StopSignal:
-  """Records SIGTERM so the loop can save and exit at the next step boundary."""
+  """SIGTERM (a preemption notice) ends the loop at a step boundary, with a checkpoint.
+
+  One process: a Python handler records the signal. Several: JAX's preemption service
+  (its runtime catches SIGTERM on any process) names one step at which every process
+  stops, so all of them reach the collective save on the same step.
+  """
 
   def __init__(self):
-    self.received = False
+    self.stopped = False
+    self._received = False
     self._previous = None
+    self._multi_process = jax.process_count() > 1
 
   def __enter__(self) -> "_StopSignal":
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if not self._multi_process:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum: int, frame: Any) -> None:
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
-    self.received = True
+    self._received = True
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to stop after `step`; with several processes, call it at every step."""
+    if self._multi_process:
+      self.stopped = multihost_utils.reached_preemption_sync_point(step)
+    else:
+      self.stopped = self._received
+    return self.stopped
 
   def __exit__(self, *exc: Any) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multi_process:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 _CLUSTER_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
@@ -351,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending: tuple[int, Any] | None = None
   with _StopSignal() as stop, checkpointer:
     step = start_step
-    while step < end_step and not stop.received:
+    while step < end_step:
       step += 1
       batch = sharding.global_batch(next(train_iter), mesh)
       throughput.count(len(jax.tree.leaves(batch)[0]))
@@ -372,6 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      total_steps, values["train/loss"], values["steps_per_sec"],
                      values["examples_per_sec"], metrics_lib.format_duration(values["eta_seconds"]))
       run_evals(step, final=step == total_steps)
+      if stop.should_stop(step):
+        break
       if ckpt_every and step % ckpt_every == 0 and step != end_step:
         save(step)
     if pending is not None:
@@ -379,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if step > start_step or restored is None:
       save(step)
   writer.flush()
-  if stop.received:
+  if stop.stopped:
     logging.warning("Stopped by SIGTERM at step %d; checkpoint saved, exiting cleanly.", step)
   logging.info("Step %d: checkpoints in %s, metrics in %s (and TensorBoard in %s).", step,
                checkpointer.directory, os.path.join(workdir, "metrics.jsonl"),

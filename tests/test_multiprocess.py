@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import jax
@@ -52,8 +54,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(args: list[str], workdir: str, num_processes: int, devices: int) -> None:
-  """Runs `python -m big_vision_lite.train` as `num_processes` local processes."""
+def start_processes(args: list[str], workdir: str, num_processes: int, devices: int
+                    ) -> tuple[list[subprocess.Popen], list[str]]:
+  """Starts `python -m big_vision_lite.train` as `num_processes` local processes; returns
+  them and their log files."""
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   coordinator = f"--coordinator_address=localhost:{free_port()}"
@@ -66,15 +70,28 @@ def run_processes(args: list[str], workdir: str, num_processes: int, devices: in
           [sys.executable, "-m", "big_vision_lite.train", *args, "--workdir", workdir,
            coordinator, f"--num_processes={num_processes}", f"--process_id={i}"],
           cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+  return procs, logs
+
+
+def wait_processes(procs: list[subprocess.Popen], logs: list[str]) -> list[str]:
+  """Waits for the processes; asserts each exited 0; returns their logs' texts."""
   try:
     codes = [p.wait(timeout=400) for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+  texts = []
   for code, log in zip(codes, logs):
     with open(log) as f:
-      assert code == 0, f.read()[-5000:]
+      texts.append(f.read())
+    assert code == 0, texts[-1][-5000:]
+  return texts
+
+
+def run_processes(args: list[str], workdir: str, num_processes: int, devices: int) -> None:
+  """Runs `python -m big_vision_lite.train` as `num_processes` local processes."""
+  wait_processes(*start_processes(args, workdir, num_processes, devices))
 
 
 def losses(workdir: str) -> dict[int, float]:
@@ -210,6 +227,26 @@ def test_checkpoints_resume_on_other_device_counts(eight_devices, hops, tmp_path
                              [losses(straight)[s] for s in range(start + 1, 9)], rtol=1e-6)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
                checkpointing.load_params(workdir), checkpointing.load_params(straight))
+
+
+def test_sigterm_to_one_process_stops_all_on_one_step(tmp_path):
+  """A preemption notice (SIGTERM) to process 1 alone: both processes stop after the same
+  step, save it together and exit 0."""
+  workdir = str(tmp_path / "run")
+  args = CLI_ARGS + ["--config.total_steps=100000", "--config.ckpt_steps=100000"]
+  procs, logs = start_processes(args, workdir, num_processes=2, devices=1)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(metrics_path) and len(read_metrics(workdir)) >= 4:
+      break
+    time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)
+  texts = wait_processes(procs, logs)
+  steps = checkpointing.Checkpointer(workdir).all_steps()
+  assert len(steps) == 1 and 3 <= steps[0] < 100000, steps
+  for text in texts:
+    assert f"Stopped by SIGTERM at step {steps[0]}" in text, text[-3000:]
 
 
 @pytest.mark.slow
