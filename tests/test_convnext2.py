@@ -59,6 +59,34 @@ def test_grn_matches_naive_formula():
                                 x.astype(np.float32))
 
 
+def test_grn_gradient_is_finite_for_an_all_zero_channel():
+  """A channel zero at every position (norm 0) gets torch.norm's gradient convention (0
+  through the norm, so the upstream gradient passes as is); elsewhere the gradient is the
+  central finite difference of the naive float64 formula."""
+  x = np.asarray(normal((1, 2, 2, 4)), np.float64)
+  x[..., 1] = 0.0
+  gamma, beta = np.asarray(normal((4,), 1)), np.asarray(normal((4,), 2))
+  weights = np.asarray(normal((1, 2, 2, 4), 3), np.float64)
+
+  def naive(x):
+    norms = np.sqrt((x ** 2).sum(axis=(1, 2), keepdims=True))
+    return (weights * (x + gamma * x * norms / (norms.mean(-1, keepdims=True) + 1e-6)
+                       + beta)).sum()
+
+  grads = jax.grad(lambda x: jnp.sum(weights * convnext2.grn(x, gamma, beta)))(
+      jnp.asarray(x, jnp.float32))
+  grads = np.asarray(grads)
+  assert np.isfinite(grads).all()
+  np.testing.assert_allclose(grads[..., 1], weights[..., 1], rtol=1e-6)
+  for index in np.ndindex(x.shape):
+    if index[-1] == 1:
+      continue
+    step = np.zeros_like(x)
+    step[index] = 1e-6
+    numeric = (naive(x + step) - naive(x - step)) / 2e-6
+    np.testing.assert_allclose(grads[index], numeric, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("hw", [(5, 9), (2, 3), (1, 1)])
 def test_shifted_depthwise_conv_equals_lax_conv_with_gradients(hw):
   x, kernel = normal((2, *hw, 6)), normal((7, 7, 1, 6), 1)

@@ -52,8 +52,14 @@ LOADS_FROM = ("fcmae",)  # init_from also takes an FCMAE pre-training run (see `
 
 
 def grn(x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float = GRN_EPS) -> jax.Array:
-  """Global Response Normalization of x [B, H, W, C] with gamma, beta [C]."""
-  norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True))  # [B, 1, 1, C]
+  """Global Response Normalization of x [B, H, W, C] with gamma, beta [C].
+
+  A channel that is zero everywhere (e.g. a tanh-GELU saturated on a 2 x 2 map) has norm
+  0; the norm's gradient there is 0, as torch.norm's, not sqrt's NaN (0 / 0).
+  """
+  squares = jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True)  # [B, 1, 1, C]
+  nonzero = squares > 0
+  norms = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1)), 0)  # [B, 1, 1, C]
   relative = norms / (jnp.mean(norms, axis=-1, keepdims=True) + eps)  # [B, 1, 1, C]
   return x + gamma * (x * relative) + beta
 
