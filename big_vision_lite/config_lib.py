@@ -7,6 +7,7 @@ defaults; `validate` checks every name and field type so mistakes fail before co
 import os
 from typing import Any, Mapping, Sequence
 
+import jax
 import ml_collections
 
 from big_vision_lite import evaluators
@@ -149,10 +150,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"got {ev.get(key)!r}.")
 
 
-def multiscale_batch_multiple(config: ml_collections.ConfigDict) -> int:
+def multiscale_batch_multiple(config: ml_collections.ConfigDict,
+                              mesh: jax.sharding.Mesh | None = None) -> int:
   """What every multi-scale batch size must be a multiple of: the data-parallel devices
-  (and processes) times the gradient accumulation steps."""
-  mesh = sharding.make_mesh(config.get("mesh"))
+  (and processes) of `mesh` (default: the config's) times the gradient accumulation steps."""
+  mesh = mesh or sharding.make_mesh(config.get("mesh"))
   return sharding.batch_divisor(mesh) * (config.get("grad_accum_steps") or 1)
 
 

@@ -308,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       num_threads=config.input.get("num_threads", 2),
       prefetch=config.input.get("prefetch", 2), packing=config.input.get("packing"),
       multiscale=config.input.get("multiscale"),
-      batch_multiple=config_lib.multiscale_batch_multiple(config), bad_records=bad_records)
+      batch_multiple=config_lib.multiscale_batch_multiple(config, mesh), bad_records=bad_records)
   batch_spec = peek_batch_spec(train_iter, batch_size)
 
   training = build_training(config, task, mesh, batch_spec)
