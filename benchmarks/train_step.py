@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
   config = flags.FLAGS.config
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.get("mesh"))
-  model = models.get(config.model_name).Model(**config.model)
+  model = models.from_config(config)
   task = tasks.REGISTRY.get(config.task)(config, model)
   batch_size = config.input.batch_size
   train_iter = data_lib.make_train_iterator(config.input.data, config.input.pp, batch_size,

@@ -295,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config.get("mesh"))
   logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape),
                mesh.devices.size, jax.process_count())
-  model = models.get(config.model_name).Model(**config.model)
+  model = models.from_config(config)
   task = tasks.REGISTRY.get(config.task)(config, model)
   writer = metrics_lib.create_writer(workdir)
   seed = config.get("seed", 0)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from big_vision_lite import models
+from big_vision_lite.tasks import base
 
 vit = models.get("vit")
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=(8, 8))
@@ -234,6 +235,35 @@ def test_bfloat16_matmuls():
   assert aux["stem"].dtype == jnp.bfloat16
   reference, _ = _apply(vit.Model(num_classes=5, **TINY), variables, images)
   np.testing.assert_allclose(out.astype(np.float32), reference, rtol=0.1, atol=0.1)
+
+
+def test_config_compute_dtype_reaches_the_matmuls():
+  """compute_dtype=bfloat16 in a config: the built ViT, run as a task runs it (params and
+  images cast), multiplies in bfloat16 (every dot_general and the patch conv), unless
+  model.dtype_mm says else."""
+  config = {"model_name": "vit", "compute_dtype": "bfloat16",
+            "model": dict(num_classes=5, **TINY)}
+  images = _images()
+
+  def operand_dtypes(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        yield from (str(v.aval.dtype) for v in eqn.invars)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, tuple) else (param,):
+          if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+            yield from operand_dtypes(getattr(sub, "jaxpr", sub))
+
+  def matmul_dtypes(config):
+    model = models.from_config(config)
+    variables = base.cast_floating(_init(model, images), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images.astype(jnp.bfloat16)))(variables)
+    return set(operand_dtypes(jaxpr.jaxpr))
+
+  assert matmul_dtypes(config) == {"bfloat16"}
+  config["model"]["dtype_mm"] = "float32"
+  assert "float32" in matmul_dtypes(config)
+  assert models.from_config(dict(config, compute_dtype=None)).dtype_mm == "float32"
 
 
 @pytest.mark.parametrize("kwargs,field", [
