@@ -263,6 +263,29 @@ def test_bad_records_skipped_and_counted_across_resume(corrupt_dir, tmp_path):
   assert counts == sorted(counts) and len(losses(workdir)) == 8
 
 
+def test_packed_bad_records_are_counted_across_resume(corrupt_dir):
+  """Packed rows of one 16-token image each: 64 images (two epochs of 32 with one
+  undecodable record) replace 2 bad records; a resumed iterator counts on from its state."""
+  spec = dict(name="corrupt_images", split="train", data_dir=corrupt_dir)
+  packing = dict(seq_len=16, patch_size=4, max_images=1, buffer_size=1)
+  make = lambda: data_lib.make_train_iterator(
+      spec, 'decode|value_range(-1, 1)|keep("image", "label")', 16, seed=0, packing=packing,
+      bad_records="skip")
+  straight = make()
+  for _ in range(4):
+    next(straight)
+  assert straight.skipped_records == 2
+
+  first = make()
+  next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  resumed = make()
+  resumed.set_state(state)
+  for _ in range(3):
+    next(resumed)
+  assert first.skipped_records + resumed.skipped_records == 2
+
+
 def _crash_trials(tmp_path, trials):
   cmd = [sys.executable, "-m", "big_vision_lite.tools.crash_trials", f"--trials={trials}",
          f"--workdir_root={tmp_path}", "--total_steps=8"]

@@ -256,8 +256,7 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
   With `packing` (see `packing.py`), rows are packed sequences of several images; each
   process then packs its own share of the image stream. With `multiscale` (see
   `multiscale.py`), each step has its own resolution and a batch size that is a multiple
-  of `batch_multiple`. `bad_records` is "fail" or "skip" (see the module docstring; packed
-  rows replace bad records but do not count them).
+  of `batch_multiple`. `bad_records` is "fail" or "skip" (see the module docstring).
   """
   local = _local_batch_size(global_batch_size, process_count)
   preprocess = pp_lib.get_preprocess_fn(pp)
@@ -267,8 +266,9 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
     stream = _train_stream(data, seed, lambda ex, rng: tokens(preprocess(ex, rng), rng),
                            bad_records)
     images = grain.MapDataset.range(0, _STREAM_LENGTH).map(  # This process's images.
-        lambda i: _without_count(stream[i * process_count + process_index]))
-    return packing_lib.PackedTrainIterator(images, local, packing, options)
+        lambda i: stream[i * process_count + process_index])
+    return packing_lib.PackedTrainIterator(images, local, packing, options,
+                                           SKIPPED_KEY if bad_records == "skip" else None)
   counted = _SkipCounter if bad_records == "skip" else lambda iterator: iterator
   if multiscale:
     stream = _train_stream(data, seed, lambda ex, rng: _check_arrays(preprocess(ex, rng)),
@@ -286,10 +286,6 @@ def make_train_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int
   rows = grain.MapDataset.range(0, _STREAM_LENGTH).map(element)
   batches = rows.batch(local, drop_remainder=True, batch_fn=_stack)
   return counted(iter(batches.to_iter_dataset(options)))
-
-
-def _without_count(example: dict[str, Any]) -> dict[str, Any]:
-  return {k: v for k, v in example.items() if k != SKIPPED_KEY}
 
 
 def make_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_size: int, *,

@@ -288,14 +288,27 @@ class PackedTrainIterator:
 
   `images` is this process's indexable stream of tokenized images (`tokenizer`), each a
   pure function of its index, so the state is the next index and the pooled indices.
+  With `skipped_key`, each image's count of bad records it replaced (under that key) is
+  taken off and summed in `skipped_records` (since creation or `set_state`).
   """
 
   def __init__(self, images: grain.MapDataset, local_batch_size: int,
-               packing: Mapping[str, Any], options: grain.ReadOptions):
+               packing: Mapping[str, Any], options: grain.ReadOptions,
+               skipped_key: str | None = None):
     self._images, self._options, self._local = images, options, local_batch_size
+    self._skipped_key = skipped_key
+    self.skipped_records = 0
     self._packer = Packer(packing["seq_len"], packing["max_images"],
                           packing.get("buffer_size", 32))
     self._start(0)
+
+  def _image(self, example: dict[str, Any], count: bool) -> dict[str, Any]:
+    if self._skipped_key is None:
+      return example
+    skipped = example.pop(self._skipped_key)
+    if count:
+      self.skipped_records += int(skipped)
+    return example
 
   def _start(self, next_index: int) -> None:
     self._next_index = next_index
@@ -303,7 +316,7 @@ class PackedTrainIterator:
 
   def _row(self) -> dict[str, np.ndarray]:
     while not self._packer.full:
-      self._packer.add(self._next_index, next(self._reader))
+      self._packer.add(self._next_index, self._image(next(self._reader), True))
       self._next_index += 1
     return self._packer.emit()
 
@@ -318,5 +331,8 @@ class PackedTrainIterator:
             "pool": [index for index, _ in self._packer.pool]}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    self._packer.pool = [(int(i), self._images[int(i)]) for i in state["pool"]]
+    # The pooled images' skips were counted before the state was saved.
+    self._packer.pool = [(int(i), self._image(self._images[int(i)], False))
+                         for i in state["pool"]]
     self._start(int(state["next_index"]))
+    self.skipped_records = 0
