@@ -191,10 +191,24 @@ def test_pretraining_lowers_the_loss_and_draws(pretrained, tmp_path):
   assert len(curves["fcmae"]) == 4 and collapse_png.stat().st_size > 1000
 
 
+def test_finetuning_params_are_the_encoder_and_a_fresh_head(pretrained):
+  """What init_from = an FCMAE run gives a configs/convnext2.py model: the encoder's params
+  exactly, and the fresh init's head and head_norm."""
+  pre_dir, _, _ = pretrained
+  model = convnext2.Model(num_classes=10, depths=TINY["depths"], dims=TINY["dims"])
+  fresh = model.init(jax.random.key(1), images(1))["params"]
+  pre = utils.flatten_names(checkpointing.load_params(pre_dir)["encoder"])
+  merged = checkpointing.merge_init_params(
+      fresh, convnext2.load(fresh, checkpointing.load_params(pre_dir), {}), (), "fcmae")
+  for name, value in utils.flatten_names(merged).items():
+    want = pre[name] if not name.startswith("head") else utils.flatten_names(fresh)[name]
+    np.testing.assert_array_equal(value, want, err_msg=name)
+
+
 @pytest.mark.slow
-def test_finetuning_starts_from_the_encoder(pretrained, tmp_path):
+def test_finetuning_through_the_train_loop(pretrained, tmp_path):
   """configs/convnext2.py with init_from = the FCMAE run: the train loop accepts it
-  (convnext2.LOADS_FROM), takes the encoder and starts a fresh head."""
+  (convnext2.LOADS_FROM) and starts one small step away from the encoder."""
   pre_dir, _, _ = pretrained
   ft = convnext2_config.get_config("res=64,total_steps=1,batch_size=8")
   ft.model.update(depths=TINY["depths"], dims=TINY["dims"])
@@ -206,9 +220,3 @@ def test_finetuning_starts_from_the_encoder(pretrained, tmp_path):
   assert set(tuned) == set(pre) | {"head/kernel", "head/bias"}
   for name, value in pre.items():  # One small AdamW step away from the encoder's values.
     np.testing.assert_allclose(tuned[name], value, atol=ft.lr * 1.5, err_msg=name)
-  fresh = convnext2.Model(**ft.model).init(jax.random.key(1), images(1))["params"]
-  merged = checkpointing.merge_init_params(
-      fresh, convnext2.load(fresh, checkpointing.load_params(pre_dir), {}), (), "fcmae")
-  for name, value in utils.flatten_names(merged).items():
-    want = pre[name] if not name.startswith("head") else utils.flatten_names(fresh)[name]
-    np.testing.assert_array_equal(value, want, err_msg=name)
