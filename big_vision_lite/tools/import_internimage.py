@@ -28,41 +28,7 @@ FAMILY = ("the official InternImage classification model T/S/B/L/XL (any size un
 POINTS = 9  # 3x3 sampling points per group.
 
 
-class Weights:
-  """An official state dict whose arrays are taken (as float32 numpy) by the converter."""
-
-  def __init__(self, state_dict: Mapping[str, Any]):
-    self._arrays = {k: np.asarray(v) for k, v in state_dict.items()}
-    self._taken: set[str] = set()
-
-  def __contains__(self, key: str) -> bool:
-    return key in self._arrays
-
-  def take(self, key: str) -> np.ndarray:
-    """Returns the array `key` as float32 and marks it converted."""
-    if key not in self._arrays:
-      raise ValueError(f"InternImage state dict lacks {key!r}; supported: {FAMILY}.")
-    self._taken.add(key)
-    return self._arrays[key].astype(np.float32)
-
-  def check_all_taken(self) -> None:
-    """Raises a ValueError naming the keys that were not converted."""
-    left = [k for k in self._arrays if k not in self._taken]
-    if left:
-      raise ValueError(f"Unsupported InternImage parameter {left[0]!r} (all unconverted: "
-                       f"{', '.join(left)}); supported: {FAMILY}.")
-
-
-def _linear(weights: Weights, prefix: str) -> dict[str, np.ndarray]:
-  """torch Linear weight [out, in] -> flax Dense {kernel [in, out], bias [out]}."""
-  return {"kernel": weights.take(f"{prefix}.weight").T, "bias": weights.take(f"{prefix}.bias")}
-
-
-def _norm(weights: Weights, prefix: str) -> dict[str, np.ndarray]:
-  return {"scale": weights.take(f"{prefix}.weight"), "bias": weights.take(f"{prefix}.bias")}
-
-
-def _conv(weights: Weights, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
+def _conv(weights: import_timm.StateDict, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
   """torch Conv2d weight [O, I/g, kh, kw] -> flax HWIO kernel [kh, kw, I/g, O] (+ bias)."""
   out = {"kernel": weights.take(f"{prefix}.weight").transpose(2, 3, 1, 0)}
   if bias:
@@ -70,20 +36,20 @@ def _conv(weights: Weights, prefix: str, bias: bool = True) -> dict[str, np.ndar
   return out
 
 
-def _block(weights: Weights, prefix: str) -> dict[str, Any]:
+def _block(weights: import_timm.StateDict, prefix: str) -> dict[str, Any]:
   """levels.i.blocks.j.* -> `internimage.Block` params."""
   dcn = f"{prefix}.dcn"
   block = {
-      "norm1": _norm(weights, f"{prefix}.norm1.0"),
-      "dcn": {"input_proj": _linear(weights, f"{dcn}.input_proj"),
+      "norm1": import_timm.layernorm_params(weights, f"{prefix}.norm1.0"),
+      "dcn": {"input_proj": import_timm.linear_params(weights, f"{dcn}.input_proj"),
               "dw_conv": _conv(weights, f"{dcn}.dw_conv.0"),
-              "dw_norm": _norm(weights, f"{dcn}.dw_conv.1.1"),
-              "offset": _linear(weights, f"{dcn}.offset"),
-              "mask": _linear(weights, f"{dcn}.mask"),
-              "output_proj": _linear(weights, f"{dcn}.output_proj")},
-      "norm2": _norm(weights, f"{prefix}.norm2.0"),
-      "mlp": {"fc1": _linear(weights, f"{prefix}.mlp.fc1"),
-              "fc2": _linear(weights, f"{prefix}.mlp.fc2")},
+              "dw_norm": import_timm.layernorm_params(weights, f"{dcn}.dw_conv.1.1"),
+              "offset": import_timm.linear_params(weights, f"{dcn}.offset"),
+              "mask": import_timm.linear_params(weights, f"{dcn}.mask"),
+              "output_proj": import_timm.linear_params(weights, f"{dcn}.output_proj")},
+      "norm2": import_timm.layernorm_params(weights, f"{prefix}.norm2.0"),
+      "mlp": {"fc1": import_timm.linear_params(weights, f"{prefix}.mlp.fc1"),
+              "fc2": import_timm.linear_params(weights, f"{prefix}.mlp.fc2")},
   }
   if f"{prefix}.gamma1" in weights:
     block["gamma1"] = weights.take(f"{prefix}.gamma1")
@@ -121,12 +87,12 @@ def convert(state_dict: Mapping[str, np.ndarray], variant: str | None = None,
   "batch_stats"}); `variant` checks the architecture, `offset_scale` overrides its own."""
   if variant is not None:
     internimage.Model(variant=variant)  # A ValueError naming the accepted variants.
-  weights = Weights(state_dict)
+  weights = import_timm.StateDict(state_dict, "InternImage state dict", FAMILY)
   params: dict[str, Any] = {
       "stem_conv1": _conv(weights, "patch_embed.conv1"),
-      "stem_norm1": _norm(weights, "patch_embed.norm1.1"),
+      "stem_norm1": import_timm.layernorm_params(weights, "patch_embed.norm1.1"),
       "stem_conv2": _conv(weights, "patch_embed.conv2"),
-      "stem_norm2": _norm(weights, "patch_embed.norm2.1"),
+      "stem_norm2": import_timm.layernorm_params(weights, "patch_embed.norm2.1"),
   }
   depths = []
   for level in range(4):
@@ -139,21 +105,22 @@ def convert(state_dict: Mapping[str, np.ndarray], variant: str | None = None,
                        f"supported: {FAMILY}.")
     depths.append(depth)
     if f"levels.{level}.norm.0.weight" in weights:
-      params[f"level{level}_norm"] = _norm(weights, f"levels.{level}.norm.0")
+      params[f"level{level}_norm"] = import_timm.layernorm_params(weights, f"levels.{level}.norm.0")
     if level < 3:
       params[f"level{level}_downsample_conv"] = _conv(
           weights, f"levels.{level}.downsample.conv", bias=False)
-      params[f"level{level}_downsample_norm"] = _norm(weights, f"levels.{level}.downsample.norm.1")
+      params[f"level{level}_downsample_norm"] = import_timm.layernorm_params(
+          weights, f"levels.{level}.downsample.norm.1")
   head_conv = weights.take("conv_head.0.weight")  # [D, C4, 1, 1]
   params["conv_head"] = {"kernel": head_conv[:, :, 0, 0].T}
-  params["conv_head_bn"] = _norm(weights, "conv_head.1.0")
+  params["conv_head_bn"] = import_timm.layernorm_params(weights, "conv_head.1.0")
   batch_stats = {"conv_head_bn": {"mean": weights.take("conv_head.1.0.running_mean"),
                                   "var": weights.take("conv_head.1.0.running_var")}}
   if "conv_head.1.0.num_batches_tracked" in weights:
     weights.take("conv_head.1.0.num_batches_tracked")  # A counter with no use in eval mode.
   num_classes = 0
   if "head.weight" in weights:
-    params["head"] = _linear(weights, "head")
+    params["head"] = import_timm.linear_params(weights, "head")
     num_classes = int(params["head"]["kernel"].shape[1])
   weights.check_all_taken()
 

@@ -31,12 +31,13 @@ VIT_FAMILY = (f"{VIT_NAMES} with a class token or average pooling (no register t
 
 
 class StateDict:
-  """A timm state dict whose arrays are taken (as float32 numpy) by a converter."""
+  """A state dict whose arrays are taken (as float32 numpy) by a converter; errors name
+  `source` (e.g. "timm state dict of 'vit_tiny_patch16_224'") and the supported `family`."""
 
-  def __init__(self, state_dict: Mapping[str, Any], timm_name: str, family: str):
+  def __init__(self, state_dict: Mapping[str, Any], source: str, family: str):
     self._arrays = {k: np.asarray(v) for k, v in state_dict.items()}
     self._taken: set[str] = set()
-    self.timm_name = timm_name
+    self.source = source
     self.family = family
 
   def __contains__(self, key: str) -> bool:
@@ -45,8 +46,7 @@ class StateDict:
   def take(self, key: str) -> np.ndarray:
     """Returns the array `key` as float32 and marks it converted."""
     if key not in self._arrays:
-      raise ValueError(f"timm state dict of {self.timm_name!r} lacks {key!r}; supported: "
-                       f"{self.family}.")
+      raise ValueError(f"{self.source} lacks {key!r}; supported: {self.family}.")
     self._taken.add(key)
     return self._arrays[key].astype(np.float32)
 
@@ -54,16 +54,16 @@ class StateDict:
     """Raises a ValueError naming the keys no converter took."""
     left = [k for k in self._arrays if k not in self._taken]
     if left:
-      raise ValueError(f"Unsupported timm parameter {left[0]!r} in {self.timm_name!r} (all "
+      raise ValueError(f"Unsupported parameter {left[0]!r} in {self.source} (all "
                        f"unconverted: {', '.join(left)}); supported: {self.family}.")
 
 
-def _linear(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:
+def linear_params(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:
   """torch Linear weight [out, in] -> flax Dense {kernel [in, out], bias [out]}."""
   return {"kernel": sd.take(f"{prefix}.weight").T, "bias": sd.take(f"{prefix}.bias")}
 
 
-def _layernorm(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:
+def layernorm_params(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:
   return {"scale": sd.take(f"{prefix}.weight"), "bias": sd.take(f"{prefix}.bias")}
 
 
@@ -78,7 +78,7 @@ def _vit_attention(sd: StateDict, prefix: str, num_heads: int,
     qkv_b = np.zeros((3, num_heads, head_dim), np.float32)
   attn = {name: {"kernel": qkv_w[i].transpose(2, 0, 1), "bias": qkv_b[i]}
           for i, name in enumerate(("query", "key", "value"))}
-  proj = _linear(sd, f"{prefix}.proj")
+  proj = linear_params(sd, f"{prefix}.proj")
   attn["out"] = {"kernel": proj["kernel"].reshape(num_heads, head_dim, width),
                  "bias": proj["bias"]}
   return attn
@@ -121,23 +121,23 @@ def convert_vit(timm_name: str, sd: StateDict) -> tuple[str, dict[str, Any], dic
   while f"blocks.{depth}.norm1.weight" in sd:
     p = f"blocks.{depth}"
     blocks[f"encoderblock_{depth}"] = {
-        "LayerNorm_0": _layernorm(sd, f"{p}.norm1"),
+        "LayerNorm_0": layernorm_params(sd, f"{p}.norm1"),
         "MultiHeadDotProductAttention_0": _vit_attention(sd, f"{p}.attn", num_heads, width),
-        "LayerNorm_1": _layernorm(sd, f"{p}.norm2"),
-        "MlpBlock_0": {"Dense_0": _linear(sd, f"{p}.mlp.fc1"),
-                       "Dense_1": _linear(sd, f"{p}.mlp.fc2")},
+        "LayerNorm_1": layernorm_params(sd, f"{p}.norm2"),
+        "MlpBlock_0": {"Dense_0": linear_params(sd, f"{p}.mlp.fc1"),
+                       "Dense_1": linear_params(sd, f"{p}.mlp.fc2")},
     }
     depth += 1
   if not depth:
     raise ValueError(f"timm state dict of {timm_name!r} has no blocks.0.* parameters.")
   if has_fc_norm:
-    params["fc_norm"] = _layernorm(sd, "fc_norm")
+    params["fc_norm"] = layernorm_params(sd, "fc_norm")
   else:
-    blocks["encoder_norm"] = _layernorm(sd, "norm")
+    blocks["encoder_norm"] = layernorm_params(sd, "norm")
   params["Transformer"] = blocks
   num_classes = 0
   if "head.weight" in sd:
-    params["head"] = _linear(sd, "head")
+    params["head"] = linear_params(sd, "head")
     num_classes = params["head"]["kernel"].shape[1]
   sd.check_all_taken()
   kwargs = dict(
@@ -181,17 +181,19 @@ def convert_convnextv2(timm_name: str,
     weight = sd.take(f"{prefix}.weight")  # Linear [out, in] or 1x1 conv [out, in, 1, 1].
     return {"kernel": weight.reshape(weight.shape[:2]).T, "bias": sd.take(f"{prefix}.bias")}
 
-  params: dict[str, Any] = {"stem_conv": conv("stem.0", 4), "stem_norm": _layernorm(sd, "stem.1")}
+  params: dict[str, Any] = {"stem_conv": conv("stem.0", 4),
+                            "stem_norm": layernorm_params(sd, "stem.1")}
   use_grn = "stages.0.blocks.0.mlp.grn.weight" in sd
   depths, dims = [], []
   for stage in range(4):
     if stage > 0:
-      params[f"downsample{stage}_norm"] = _layernorm(sd, f"stages.{stage}.downsample.0")
+      params[f"downsample{stage}_norm"] = layernorm_params(sd, f"stages.{stage}.downsample.0")
       params[f"downsample{stage}_conv"] = conv(f"stages.{stage}.downsample.1", 2)
     depth = 0
     while f"stages.{stage}.blocks.{depth}.conv_dw.weight" in sd:
       prefix = f"stages.{stage}.blocks.{depth}"
-      block = {"dwconv": conv(f"{prefix}.conv_dw", 7), "norm": _layernorm(sd, f"{prefix}.norm"),
+      block = {"dwconv": conv(f"{prefix}.conv_dw", 7),
+               "norm": layernorm_params(sd, f"{prefix}.norm"),
                "pwconv1": pointwise(f"{prefix}.mlp.fc1"),
                "pwconv2": pointwise(f"{prefix}.mlp.fc2")}
       if use_grn:
@@ -205,13 +207,13 @@ def convert_convnextv2(timm_name: str,
     depths.append(depth)
     dims.append(int(params[f"stage{stage}_block0"]["dwconv"]["kernel"].shape[-1]))
   if "head.norm.weight" in sd:
-    params["head_norm"] = _layernorm(sd, "head.norm")
+    params["head_norm"] = layernorm_params(sd, "head.norm")
   else:
     params["head_norm"] = {"scale": np.ones(dims[-1], np.float32),
                            "bias": np.zeros(dims[-1], np.float32)}
   num_classes = 0
   if "head.fc.weight" in sd:
-    params["head"] = _linear(sd, "head.fc")
+    params["head"] = linear_params(sd, "head.fc")
     num_classes = int(params["head"]["kernel"].shape[1])
   sd.check_all_taken()
   kwargs = dict(num_classes=num_classes, depths=depths, dims=dims, grn=use_grn)
@@ -230,7 +232,7 @@ def _conv_bn(sd: StateDict, prefix: str) -> tuple[dict[str, Any], dict[str, Any]
   if f"{prefix}.bn.num_batches_tracked" in sd:
     sd.take(f"{prefix}.bn.num_batches_tracked")  # A counter with no use in eval mode.
   kernel = sd.take(f"{prefix}.conv.weight").transpose(2, 3, 1, 0)  # [O, I/g, k, k] -> HWIO
-  return ({"conv": {"kernel": kernel}, "bn": _layernorm(sd, f"{prefix}.bn")},
+  return ({"conv": {"kernel": kernel}, "bn": layernorm_params(sd, f"{prefix}.bn")},
           {"bn": {"mean": sd.take(f"{prefix}.bn.running_mean"),
                   "var": sd.take(f"{prefix}.bn.running_var")}})
 
@@ -263,16 +265,16 @@ def _mobilevit_block(sd: StateDict, prefix: str, version: int
              "Dense_1": _pointwise_conv(sd, f"{layer}.mlp.fc2")}
     else:
       attention = _vit_attention(sd, f"{layer}.attn", MOBILEVIT_HEADS, width)
-      mlp = {"Dense_0": _linear(sd, f"{layer}.mlp.fc1"),
-             "Dense_1": _linear(sd, f"{layer}.mlp.fc2")}
+      mlp = {"Dense_0": linear_params(sd, f"{layer}.mlp.fc1"),
+             "Dense_1": linear_params(sd, f"{layer}.mlp.fc2")}
     params[f"transformer_{len(hidden)}"] = {
-        "norm1": _layernorm(sd, f"{layer}.norm1"), "attention": attention,
-        "norm2": _layernorm(sd, f"{layer}.norm2"), "mlp": mlp}
+        "norm1": layernorm_params(sd, f"{layer}.norm1"), "attention": attention,
+        "norm2": layernorm_params(sd, f"{layer}.norm2"), "mlp": mlp}
     hidden.append(mlp["Dense_0"]["kernel"].shape[1])
   if not hidden:
-    raise ValueError(f"timm state dict of {sd.timm_name!r} has no {prefix}.transformer.0.* "
+    raise ValueError(f"{sd.source} has no {prefix}.transformer.0.* "
                      f"parameters; supported: {MOBILEVIT_FAMILY}.")
-  params["transformer_norm"] = _layernorm(sd, f"{prefix}.norm")
+  params["transformer_norm"] = layernorm_params(sd, f"{prefix}.norm")
   params["proj"], stats["proj"] = _conv_bn(sd, f"{prefix}.conv_proj")
   if version == 1:
     params["fusion"], stats["fusion"] = _conv_bn(sd, f"{prefix}.conv_fusion")
@@ -348,7 +350,7 @@ def convert_mobilevit(timm_name: str,
       arch["final_width"] = params["final_conv"]["conv"]["kernel"].shape[-1]
   num_classes = 0
   if "head.fc.weight" in sd:
-    params["head"] = _linear(sd, "head.fc")
+    params["head"] = linear_params(sd, "head.fc")
     num_classes = int(params["head"]["kernel"].shape[1])
   sd.check_all_taken()
   kwargs: dict[str, Any] = dict(num_classes=num_classes, variant=variant)
@@ -472,7 +474,7 @@ def convert_efficientvit(timm_name: str,
   num_classes = 0
   if "head.linear.weight" in sd:
     batch_norm("head_norm", "head.bn")
-    head = _linear(sd, "head.linear")
+    head = linear_params(sd, "head.linear")
     params["head/kernel"], params["head/bias"] = head["kernel"], head["bias"]
     num_classes = int(head["kernel"].shape[1])
   sd.check_all_taken()
@@ -518,7 +520,7 @@ def convert(timm_name: str, state_dict: Mapping[str, np.ndarray]
             ) -> tuple[str, dict[str, Any], dict[str, Any]]:
   """timm name + state dict -> (model_name, model_kwargs, {"params": numpy tree})."""
   name, converter, family = find_converter(timm_name)
-  return converter(name, StateDict(state_dict, name, family))
+  return converter(name, StateDict(state_dict, f"timm state dict of {name!r}", family))
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
