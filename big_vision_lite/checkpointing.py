@@ -220,6 +220,33 @@ def read_run_model(path: str) -> tuple[str | None, dict[str, Any] | None]:
   return None, None
 
 
+def is_import(path: str) -> bool:
+  """Whether `path` is an imported checkpoint (`model.json` and `params/`, as written by
+  `tools/import_timm.py`) rather than a run's workdir."""
+  return (os.path.isfile(os.path.join(path, "model.json"))
+          and os.path.isdir(os.path.join(path, "params")))
+
+
+def check_init_from(path: str) -> None:
+  """Raises a ValueError naming config field 'init_from' unless `path` holds an import or a
+  run with at least one complete checkpoint step (read from directory names only)."""
+  if not os.path.isdir(path):
+    raise ValueError(f"Config field 'init_from': {path} is not a directory; give an import "
+                     "(model.json and params/, from tools/import_*.py) or a run's workdir.")
+  if is_import(path):
+    return
+  directory = os.path.join(path, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+  if not steps:
+    held = sorted(os.listdir(path))
+    raise ValueError(
+        f"Config field 'init_from': {path} holds no checkpoint to start from (it contains "
+        f"{', '.join(held[:6]) + (' ...' if len(held) > 6 else '') if held else 'nothing'}); "
+        "accepted: an import (model.json and params/, written by tools/import_*.py) or a "
+        "run's workdir with a complete step under checkpoints/<step>/.")
+
+
 def load_variables(path: str) -> dict[str, Any]:
   """Reads the model variables of `path` as numpy: `{"params": ..., <collection>: ...}`.
 

@@ -2,14 +2,23 @@
 
 Configs are Python files with `get_config(arg=None) -> ConfigDict`. The argument string
 (`configs/vit.py:variant=S/16,batch_size=64`) is parsed by `parse_arg` against typed
-defaults; `validate` checks every name and field type so mistakes fail before compilation.
+defaults; `validate` checks every name and field type so mistakes fail before compilation:
+batch sizes against the mesh, the mesh against the devices, `init_from` and the datasets'
+splits against what is on disk (metadata only).
+
+`with_init_from_model` gives a config whose `init_from` is an import (tools/import_*.py)
+that import's structural model fields; the train loop applies it before `validate`.
 """
+import dataclasses
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
+from absl import logging
 
+from big_vision_lite import checkpointing
 from big_vision_lite import evaluators
 from big_vision_lite import models
 from big_vision_lite import optimizer
@@ -19,6 +28,11 @@ from big_vision_lite.input import data as data_lib
 from big_vision_lite.input import multiscale as multiscale_lib
 from big_vision_lite.input import packing as packing_lib
 from big_vision_lite.input import pp as pp_lib
+
+
+# Fields of an import's model.json that leave the model's structure to the config: a
+# fine-tuning run sizes its own head (and re-initialises it with `init_skip`).
+_NOT_STRUCTURAL = ("num_classes",)
 
 
 def _convert(key: str, text: str, default: Any) -> Any:
@@ -107,8 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_type(config, field, (int, float))
   for field in ("init_from", "compute_dtype"):
     _check_type(config, field, (str,))
-  if config.get("init_from") and not os.path.isdir(config.init_from):
-    raise ValueError(f"Config field 'init_from': {config.init_from} is not a directory.")
+  if config.get("init_from"):
+    _validate_init_from(config)
   if config.get("compute_dtype") not in (None, "float32", "bfloat16"):
     raise ValueError(f"Config field 'compute_dtype' must be 'float32' or 'bfloat16', got "
                      f"{config.compute_dtype!r}.")
@@ -117,23 +131,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_data(config.input.get("data"), "input.data")
   pp_lib.validate(config.input.pp)
   multiscale = config.input.get("multiscale")
-  if not multiscale and config.get("grad_accum_steps") and (
-      config.input.batch_size % config.grad_accum_steps):
-    raise ValueError(f"Config field 'input.batch_size' ({config.input.batch_size}) must be "
-                     f"divisible by 'grad_accum_steps' ({config.grad_accum_steps}).")
   bad_records = config.input.get("bad_records", "fail")
   if bad_records not in data_lib.BAD_RECORDS:
     raise ValueError(f"Config field 'input.bad_records' must be one of "
                      f"{', '.join(map(repr, data_lib.BAD_RECORDS))}, got {bad_records!r}.")
   _validate_debug(config.get("debug"))
   optimizer.validate_config(config)
-  _validate_mesh(config.get("mesh"), config.get("sharding_rules"))
+  mesh = _validate_mesh(config.get("mesh"), config.get("sharding_rules"))
+  divisor = sharding.batch_divisor(mesh)
+  if not multiscale:
+    accum = config.get("grad_accum_steps") or 1
+    check_batch_size("input.batch_size", config.input.batch_size, divisor, accum)
   if multiscale:
     if config.input.get("packing"):
       raise ValueError("Config fields 'input.multiscale' and 'input.packing' exclude each "
                        "other: packed rows already mix resolutions.")
     multiscale_lib.validate(multiscale, config.input.batch_size,
-                            multiscale_batch_multiple(config), "input.multiscale")
+                            multiscale_batch_multiple(config, mesh), "input.multiscale")
   for name, ev in (config.get("evals") or {}).items():
     field = f"evals.{name}"
     _check_type(ev, "type", (str,), required=True)
@@ -148,6 +162,121 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if not isinstance(ev.get(key), int) or isinstance(ev.get(key), bool) or ev[key] <= 0:
         raise ValueError(f"Config field '{field}.{key}' must be an int > 0, "
                          f"got {ev.get(key)!r}.")
+    check_batch_size(f"{field}.batch_size", ev.batch_size, divisor)
+  # Last: the datasets' metadata (builds the embedded "shapes" dataset on first use).
+  data_lib.check_split(config.input.data, "input.data")
+  for name, ev in (config.get("evals") or {}).items():
+    data_lib.check_split(ev.data, f"evals.{name}.data")
+
+
+def check_batch_size(field: str, batch_size: int, divisor: int, accum: int = 1) -> None:
+  """Raises a ValueError naming `field` and the nearest valid sizes unless `batch_size`
+  splits into `accum` micro-batches that each split evenly over `divisor` (the
+  data-parallel devices and the processes, `sharding.batch_divisor`)."""
+  multiple = divisor * accum
+  if batch_size % multiple == 0:
+    return
+  below = batch_size // multiple * multiple
+  nearest = f"{below} or {below + multiple}" if below else f"{multiple}"
+  processes = jax.process_count()
+  split = (f"the {divisor} data-parallel devices" if processes == 1 else
+           f"the data-parallel devices and the {processes} processes (least common multiple "
+           f"{divisor})")
+  if accum > 1:
+    split = f"'grad_accum_steps' ({accum}) micro-batches, each over {split}"
+  raise ValueError(f"Config field {field!r} is {batch_size}, which does not split into "
+                   f"{split}: it must be a multiple of {multiple}, e.g. {nearest}.")
+
+
+def _validate_init_from(config: ml_collections.ConfigDict) -> None:
+  """`init_from` holds a checkpoint of a model this run loads, agreeing with `config.model`."""
+  checkpointing.check_init_from(config.init_from)
+  name, _ = checkpointing.read_run_model(config.init_from)
+  accepted = (config.model_name,) + tuple(getattr(models.get(config.model_name), "LOADS_FROM",
+                                                  ()))
+  if name is not None and name not in accepted:
+    raise ValueError(f"Config field 'init_from': {config.init_from} holds model_name={name!r}; "
+                     f"a {config.model_name!r} run loads {', '.join(map(repr, accepted))}.")
+  with_init_from_model(config)  # Raises on a conflicting model field.
+
+
+def _plain(value: Any) -> Any:
+  """Tuples and lists (also nested) as lists, for comparing config values with JSON ones."""
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  return value
+
+
+def with_init_from_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the model fields of an imported `init_from` (see below), else `config`.
+
+  When `init_from` is an import (model.json and params/, from tools/import_*.py) of
+  `config.model_name`, the import decides the model's structure: each field of its
+  model.json except `num_classes` (pooling and class token, heads, sizes, norms, GELU, ...)
+  is taken where `config.model` leaves it out or at the Model's default (configs/vit.py's
+  `pool_type="gap"` is the default, so a timm import's class token wins); a field set to
+  another value raises a ValueError naming it and both values. A `variant` (which the
+  import leaves None) must give the import's sizes. Returns a copy; config.json records
+  the effective fields.
+  """
+  path = config.get("init_from")
+  if not (isinstance(path, str) and path and checkpointing.is_import(path)):
+    return config
+  name, recorded = checkpointing.read_run_model(path)
+  if name != config.get("model_name") or not isinstance(recorded, Mapping):
+    return config
+  model_class = models.get(name).Model
+  defaults = {f.name: f.default for f in dataclasses.fields(model_class)}
+  own = dict(config.get("model") or {})
+  effective = dict(own)
+  taken = []
+  for field, value in recorded.items():
+    if field in _NOT_STRUCTURAL or (value is None and field in own):
+      effective.setdefault(field, value)  # A head size, or a field the import leaves open.
+      continue
+    if field not in own or _plain(own[field]) == _plain(defaults.get(field)):
+      if field not in own or _plain(own[field]) != _plain(value):
+        taken.append(f"{field}={value!r}")
+      effective[field] = value
+    elif _plain(own[field]) != _plain(value):
+      raise ValueError(
+          f"Config field 'model.{field}' is {own[field]!r}, but init_from {path} is an import "
+          f"whose model.json has {field}={value!r}; an import's structural fields decide the "
+          f"model. Set --config.model.{field}={value!r} (a field left at the model's default, "
+          f"{defaults.get(field)!r}, takes the import's value), or init_from an import of the "
+          "model this config describes.")
+  _check_same_hparams(model_class, effective, dict(recorded), own, path)
+  if taken:
+    logging.info("init_from %s: model fields from its model.json: %s.", path, ", ".join(taken))
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    resolved.model = effective
+  return resolved
+
+
+def _check_same_hparams(model_class: Any, effective: dict[str, Any], recorded: dict[str, Any],
+                        own: dict[str, Any], path: str) -> None:
+  """A `variant` (or other size preset) in the config must resolve to the import's sizes."""
+  if not hasattr(model_class, "hparams"):
+    return
+  try:
+    mine, theirs = model_class(**effective).hparams(), model_class(**recorded).hparams()
+  except (TypeError, ValueError):
+    return  # validate() names the bad field.
+  if _plain(mine) == _plain(theirs):
+    return
+  if isinstance(mine, Mapping):
+    keys = [k for k in mine if _plain(mine[k]) != _plain(theirs.get(k))]
+    mine = ", ".join(f"{k}={mine[k]!r}" for k in keys)
+    theirs = ", ".join(f"{k}={theirs.get(k)!r}" for k in keys)
+  field = f"'model.variant' ({own['variant']!r})" if "variant" in own else "'model'"
+  raise ValueError(
+      f"Config field {field} gives {mine}, but init_from {path} is "
+      f"an import of {theirs} (its model.json). Use the variant the import was made from "
+      "(e.g. configs/vit.py:variant=S/16 for vit_small_patch16_224), or init_from an import "
+      "of the configured size.")
 
 
 def multiscale_batch_multiple(config: ml_collections.ConfigDict,
@@ -169,12 +298,22 @@ def _validate_debug(debug: Mapping[str, Any] | None) -> None:
                      f"loss becomes NaN, or 0 for none; got {step!r}.")
 
 
-def _validate_mesh(mesh: Sequence[Any] | None, rules: Sequence[Any] | None) -> None:
+def _validate_mesh(mesh: Sequence[Any] | None,
+                   rules: Sequence[Any] | None) -> jax.sharding.Mesh:
+  """Checks the mesh against the devices and each rule's regex and spec; returns the mesh."""
   for axis in mesh or ():
     if (len(axis) != 2 or not isinstance(axis[0], str) or not isinstance(axis[1], int)):
       raise ValueError(f"Config field 'mesh' must be a list of (axis_name, size) pairs with "
                        f"size an int (-1 = all remaining devices), got {axis!r}.")
+  built = sharding.make_mesh(mesh)
   for rule in rules or ():
     if len(rule) != 2 or not isinstance(rule[0], str):
       raise ValueError(f"Config field 'sharding_rules' must be a list of (regex, spec) pairs, "
                        f"got {rule!r}.")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise ValueError(f"Config field 'sharding_rules': {rule[0]!r} is not a regex ({e}).") \
+          from None
+    sharding.check_rule_spec(rule[1], built)
+  return built

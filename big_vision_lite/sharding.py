@@ -24,10 +24,16 @@ from big_vision_lite import utils
 
 def make_mesh(axes: Sequence[tuple[str, int]] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a Mesh from (name, size) pairs; -1 takes all remaining devices."""
+  """Builds a Mesh from (name, size) pairs; -1 takes all remaining devices.
+
+  A ValueError names config field 'mesh', the sizes given and the devices available.
+  """
   devices = list(devices if devices is not None else jax.devices())
   axes = list(axes or [("data", -1)])
   sizes = [size for _, size in axes]
+  if any(size != -1 and size < 1 for size in sizes):
+    raise ValueError(f"Config field 'mesh' {axes}: every axis size must be >= 1, or -1 for "
+                     f"all remaining devices ({len(devices)} available).")
   if sizes.count(-1) > 1:
     raise ValueError(f"Config field 'mesh' may have at most one -1 size, got {axes}.")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -39,7 +45,8 @@ def make_mesh(axes: Sequence[tuple[str, int]] | None = None,
   total = int(np.prod(sizes))
   if total > len(devices):
     raise ValueError(f"Config field 'mesh' {axes} needs {total} devices; "
-                     f"{len(devices)} are available.")
+                     f"{len(devices)} are available. Use axis sizes whose product is at most "
+                     f"{len(devices)}, or -1 for all remaining devices, e.g. (('data', -1),).")
   device_grid = np.asarray(devices[:total]).reshape(sizes)
   return Mesh(device_grid, tuple(name for name, _ in axes))
 
@@ -76,27 +83,56 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, axis: str) -> P:
 
 
 def _spec_for(rule_spec: Any, shape: tuple[int, ...], mesh: Mesh, name: str) -> P:
+  check_rule_spec(rule_spec, mesh)
   if rule_spec == "replicate":
     return P()
+  if isinstance(rule_spec, str):
+    return _fsdp_spec(shape, mesh, rule_spec.split(":")[1] if ":" in rule_spec else "data")
+  if len(rule_spec) > len(shape):
+    raise ValueError(f"Config field 'sharding_rules': spec {rule_spec} has more entries "
+                     f"than {name} has dimensions {shape}.")
+  return P(*rule_spec)
+
+
+def check_rule_spec(rule_spec: Any, mesh: Mesh) -> None:
+  """Raises a ValueError unless `rule_spec` is a spec (see the module docstring) whose axis
+  names are axes of `mesh`."""
+  axes = ", ".join(map(repr, mesh.axis_names))
+  if rule_spec == "replicate":
+    return
   if isinstance(rule_spec, str) and rule_spec.split(":")[0] == "fsdp":
     axis = rule_spec.split(":")[1] if ":" in rule_spec else "data"
     if axis not in mesh.axis_names:
-      raise ValueError(f"Config field 'sharding_rules': {rule_spec!r} names axis {axis!r}, "
-                       f"mesh axes are {mesh.axis_names}.")
-    return _fsdp_spec(shape, mesh, axis)
+      raise ValueError(f"Config field 'sharding_rules': {rule_spec!r} names axis {axis!r}; "
+                       f"the mesh axes are {axes}.")
+    return
   if isinstance(rule_spec, (tuple, list)):
-    if len(rule_spec) > len(shape):
-      raise ValueError(f"Config field 'sharding_rules': spec {rule_spec} has more entries "
-                       f"than {name} has dimensions {shape}.")
-    return P(*rule_spec)
+    for entry in rule_spec:
+      names = entry if isinstance(entry, (tuple, list)) else (entry,)
+      unknown = [a for a in names if a is not None and a not in mesh.axis_names]
+      if unknown:
+        raise ValueError(f"Config field 'sharding_rules': spec {tuple(rule_spec)} names axis "
+                         f"{unknown[0]!r}; entries must be None or mesh axes ({axes}).")
+    return
   raise ValueError(f"Config field 'sharding_rules': unknown spec {rule_spec!r}; use "
                    "'replicate', 'fsdp', 'fsdp:<axis>' or a tuple of axis names.")
 
 
 def infer_shardings(tree: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] | None = None) -> Any:
-  """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) by the rules."""
+  """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) by the rules.
+
+  A rule whose regex matches no leaf name raises a ValueError listing some names.
+  """
   compiled = [(re.compile(pattern), spec) for pattern, spec in (rules or ())]
+  names = list(utils.flatten_names(tree))
+  for (regex, spec), (pattern, _) in zip(compiled, rules or ()):
+    if not any(regex.fullmatch(name) for name in names):
+      params = [n for n in names if n.startswith("params/")] or names
+      raise ValueError(
+          f"Config field 'sharding_rules': rule ({pattern!r}, {spec!r}) matches no name (the "
+          f"regex must match a whole name); {len(names)} names such as "
+          f"{', '.join(params[:4])}.")
 
   def one(name: str, leaf: Any) -> NamedSharding:
     shape = tuple(getattr(leaf, "shape", ()))

@@ -284,8 +284,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns last metrics.
 
   `stop_after_steps` ends this run early, with a checkpoint, after that many steps (as a
-  preemption would); the next call resumes.
+  preemption would); the next call resumes. An `init_from` import sets the model's
+  structural fields (`config_lib.with_init_from_model`); config.json records the result.
   """
+  config = config_lib.with_init_from_model(config)
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
   _check_workdir(workdir)
@@ -418,11 +420,7 @@ def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
   an imported checkpoint; `init_skip` regexes keep matching entries fresh."""
   path = config.init_from
   module = models.get(config.model_name)
-  name, _ = checkpointing.read_run_model(path)
-  accepted = (config.model_name,) + tuple(getattr(module, "LOADS_FROM", ()))
-  if name is not None and name not in accepted:
-    raise ValueError(f"Config field 'init_from': {path} holds model_name={name!r}; a "
-                     f"{config.model_name!r} run loads {', '.join(map(repr, accepted))}.")
+  name, _ = checkpointing.read_run_model(path)  # validate() checked it is loadable here.
   loaded = checkpointing.load_variables(path)
   skip = config.get("init_skip") or ()
   init_params = _to_host(state["params"])

@@ -75,32 +75,57 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
           "'array_record')\"`.")
 
 
-def get_source(data: Mapping[str, Any]) -> Sequence[dict[str, Any]]:
-  """The random-access tfds data source of `data` (builds "shapes" on first use)."""
-  name, split, data_dir = data["name"], data["split"], data.get("data_dir")
+def _prepared_builder(data: Mapping[str, Any], field: str = f"{_FIELD}, field 'name'") -> Any:
+  """The tfds builder of `data`, prepared as array_record (builds "shapes" on first use);
+  ValueErrors name `field`, the config field of the dataset's name."""
+  name, data_dir = data["name"], data.get("data_dir")
   dataset, _, config = name.split(":")[0].partition("/")
   if dataset == "shapes":
     data_dir = shapes.ensure_built(data_dir, config or "full")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except ValueError as e:  # Includes tfds's DatasetNotFoundError.
-    raise ValueError(f"Unknown dataset name {name!r} ({_FIELD}, field 'name'): "
+    raise ValueError(f"Unknown dataset name {name!r} ({field}): "
                      f"{str(e).splitlines()[0]}") from None
   if not builder.is_prepared():
-    raise ValueError(f"Dataset {name!r} ({_FIELD}, field 'name') is not prepared in "
+    raise ValueError(f"Dataset {name!r} ({field}) is not prepared in "
                      f"{builder.data_dir}. {_prepare_hint(name, data_dir)}")
   file_format = builder.info.file_format
   if file_format is None or file_format.value not in _RANDOM_ACCESS_FORMATS:
     raise ValueError(
-        f"Dataset {name!r} ({_FIELD}) is prepared in {builder.data_dir} as "
+        f"Dataset {name!r} ({field}) is prepared in {builder.data_dir} as "
         f"{getattr(file_format, 'value', file_format)}, which has no random access; grain needs "
         f"array_record. Re-prepare it into another data_dir (or after deleting it): "
         f"{_prepare_hint(name, data_dir)}")
+  return builder
+
+
+def check_split(data: Mapping[str, Any], field: str) -> None:
+  """Raises a ValueError naming `field` (e.g. "evals.val.data") unless `data`'s dataset is
+  prepared and its split exists and selects examples; reads metadata only."""
+  builder = _prepared_builder(data, f"config field '{field}.name'")
+  splits = ", ".join(map(repr, builder.info.splits))
   try:
-    return builder.as_data_source(split=split)
+    count = builder.info.splits[data["split"]].num_examples
+  except (ValueError, KeyError) as e:
+    reason = str(e).splitlines()[0]
+    reason = "" if reason.startswith("Unknown split") else f" ({reason})"
+    raise ValueError(f"Config field '{field}.split' is {data['split']!r}, not a split of "
+                     f"dataset {data['name']!r}{reason}; its splits: {splits} (slices such "
+                     "as 'train[:90%]' or 'test[:128]' work too).") from None
+  if count <= 0:
+    raise ValueError(f"Config field '{field}.split' is {data['split']!r}, which selects no "
+                     f"example of dataset {data['name']!r}; its splits: {splits}.")
+
+
+def get_source(data: Mapping[str, Any]) -> Sequence[dict[str, Any]]:
+  """The random-access tfds data source of `data` (builds "shapes" on first use)."""
+  builder = _prepared_builder(data)
+  try:
+    return builder.as_data_source(split=data["split"])
   except ValueError as e:
-    raise ValueError(f"Bad split {split!r} of dataset {name!r} ({_FIELD}, field 'split'): "
-                     f"{e}") from None
+    raise ValueError(f"Bad split {data['split']!r} of dataset {data['name']!r} ({_FIELD}, "
+                     f"field 'split'): {e}") from None
 
 
 def num_examples(data: Mapping[str, Any]) -> int:
