@@ -92,9 +92,11 @@ def make_optimizer(config: ml_collections.ConfigDict,
   chain = []
   if config.get("grad_clip_norm"):
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  if wd and name in ("sgd", "adafactor"):
-    chain.append(optax.add_decayed_weights(wd, mask=wd_mask))
   chain.append(OPTIMIZERS[name](learning_rate=schedule, **kwargs))
+  if wd and name in ("sgd", "adafactor"):
+    # Decoupled as in adamw and lion: -lr(step) * wd * param joins the optimiser's update
+    # (added to the gradient, it would pass through momentum and Adafactor's scaling).
+    chain.append(optax.add_decayed_weights(lambda count: -wd * schedule(count), mask=wd_mask))
   tx = optax.chain(*chain)
   frozen = config.get("frozen_params")
   if frozen:
