@@ -35,7 +35,11 @@ def validate_loss(config: ml_collections.ConfigDict) -> None:
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, kind: str | None
                      ) -> tuple[jax.Array, jax.Array]:
-  """logits, labels [..., C] -> (loss [...], top-1 correct [...]); kind as config 'loss'."""
+  """logits, labels [..., C] -> (loss [...], top-1 correct [...]); kind as config 'loss'.
+
+  softmax_xent: -Σ_c labels_c · log softmax(logits)_c (multi-hot labels are not
+  renormalised); sigmoid_xent: the binary cross-entropy summed over the C classes.
+  """
   if (kind or "softmax_xent") == "softmax_xent":
     loss = optax.softmax_cross_entropy(logits, labels)
   else:
@@ -58,9 +62,15 @@ class Classification(Task):
     logits, _, new_extra = self.apply(params, extra, batch["image"], rng, train=True)
     logits = logits.astype(jnp.float32)  # [B, C]
     labels = batch["labels"].astype(jnp.float32)  # [B, C]
-    per_example, correct = per_example_loss(logits, labels, self.config.get("loss"))
+    per_example, correct = self.per_example_loss(logits, labels)
     loss = per_example.mean()
     return loss, ({"loss": loss, "accuracy": correct.mean()}, new_extra)
+
+  def per_example_loss(self, logits: jax.Array, labels: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """The training loss of config field 'loss' (and top-1 correct) per example, as
+    `per_example_loss`; evaluators report the same loss."""
+    return per_example_loss(logits, labels, self.config.get("loss"))
 
   def predict(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
     logits, _ = self.apply_eval(variables, batch["image"])

@@ -14,7 +14,6 @@ import ml_collections
 from big_vision_lite import models
 from big_vision_lite.tasks import REGISTRY
 from big_vision_lite.tasks import classification
-from big_vision_lite.tasks.base import Task
 
 MODEL_INPUTS = ("segment_ids", "positions", "image_sizes")
 
@@ -29,8 +28,10 @@ def check_patch_size(packing: dict[str, Any], model: dict[str, Any], model_name:
 
 
 @REGISTRY.register("packed_classification")
-class PackedClassification(Task):
-  """Packed patches -> per-image logits [B, S, C], cross-entropy on real image slots."""
+class PackedClassification(classification.Classification):
+  """Packed patches -> per-image logits [B, S, C], cross-entropy on real image slots.
+
+  Shares `per_example_loss` (config field 'loss') with the unpacked task."""
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -63,8 +64,7 @@ class PackedClassification(Task):
     logits = logits.astype(jnp.float32)  # [B, S, C]
     labels = jax.nn.one_hot(batch["labels"], logits.shape[-1])  # [B, S, C]
     mask = batch["label_mask"].astype(jnp.float32)  # [B, S]
-    per_image, correct = classification.per_example_loss(logits, labels,
-                                                          self.config.get("loss"))
+    per_image, correct = self.per_example_loss(logits, labels)  # [B, S]
     count = jnp.maximum(mask.sum(), 1.0)
     loss = (per_image * mask).sum() / count
     tokens = (batch["segment_ids"] > 0).mean()
