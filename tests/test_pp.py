@@ -82,16 +82,55 @@ def test_crops():
     run("central_crop(40)", {"image": image})
 
 
-def test_inception_crop_bounds_and_determinism():
-  image = random_image(40, 60)
-  a = run("inception_crop(16, area_min=50)", {"image": image}, seed=7)["image"]
-  b = run("inception_crop(16, area_min=50)", {"image": image}, seed=7)["image"]
-  assert a.shape == (16, 16, 3)
-  np.testing.assert_array_equal(a, b)
-  for seed in range(20):
-    crop = run("inception_crop(area_min=50, area_max=60)", {"image": image}, seed)["image"]
-    area = crop.shape[0] * crop.shape[1] / (40 * 60)
-    assert 0.45 <= area <= 0.65 or crop.shape[:2] == (40, 60), crop.shape
+def coordinate_image(h, w):
+  """[h, w, 3] uint8 whose pixel (y, x) is (y, x, 0): a crop shows which window it is."""
+  y, x = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  return np.stack([y, x, np.zeros_like(y)], -1).astype(np.uint8)
+
+
+def crop_box(image, crop):
+  """(top, left, h, w) of `crop`, checked to be that window of `image`."""
+  top, left = int(crop[0, 0, 0]), int(crop[0, 0, 1])
+  h, w = crop.shape[:2]
+  np.testing.assert_array_equal(crop, image[top:top + h, left:left + w])
+  return top, left, h, w
+
+
+@pytest.mark.parametrize("area_min,area_max", [(5, 100), (50, 60)])
+def test_inception_crop_boxes_are_random_with_area_and_aspect_in_range(area_min, area_max):
+  height, width = 40, 60
+  image = coordinate_image(height, width)
+  op = f"inception_crop(area_min={area_min}, area_max={area_max})"
+  boxes = [crop_box(image, run(op, {"image": image}, seed)["image"]) for seed in range(100)]
+  crops = [b for b in boxes if b != (0, 0, height, width)]  # The rest: the op's fallback.
+  assert len(crops) >= 80, len(crops)
+  for _, _, h, w in crops:
+    # h and w are rounded to pixels: some (h', w') within 1/2 of them has area in
+    # [area_min, area_max] % of the image and aspect w'/h' in [3/4, 4/3].
+    assert (h + 0.5) * (w + 0.5) >= area_min / 100 * height * width, (h, w)
+    assert (h - 0.5) * (w - 0.5) <= area_max / 100 * height * width, (h, w)
+    assert (w + 0.5) / (h - 0.5) >= 3 / 4 and (w - 0.5) / (h + 0.5) <= 4 / 3, (h, w)
+  # Random boxes: many different ones, placed anywhere, areas and aspects spread out.
+  assert len(set(crops)) >= 60
+  assert any(t > 0 for t, _, _, _ in crops) and any(l > 0 for _, l, _, _ in crops)
+  assert sum(abs(2 * l + w - width) > 1 for _, l, _, w in crops) >= 50  # Not centred.
+  areas = [h * w / (height * width) for _, _, h, w in crops]
+  aspects = [w / h for _, _, h, w in crops]
+  spread = (area_max - area_min) / 100
+  assert max(areas) - min(areas) >= 0.6 * spread, (min(areas), max(areas))
+  assert min(aspects) < 0.9 and max(aspects) > 1.1, (min(aspects), max(aspects))
+
+
+def test_inception_crop_resizes_its_box_and_repeats_per_seed():
+  image = coordinate_image(40, 60)
+  for seed in range(5):
+    top, left, h, w = crop_box(image, run("inception_crop()", {"image": image}, seed)["image"])
+    resized = run("inception_crop(16)", {"image": image}, seed)["image"]
+    want = Image.fromarray(image[top:top + h, left:left + w]).resize((16, 16),
+                                                                      Image.BILINEAR)
+    np.testing.assert_array_equal(resized, np.asarray(want))
+    np.testing.assert_array_equal(run("inception_crop(16)", {"image": image}, seed)["image"],
+                                  resized)
 
 
 def test_resize_and_resize_small():

@@ -156,17 +156,41 @@ def test_map_head_mask_ignores_masked_tokens():
   np.testing.assert_allclose(masked, _apply(head, variables, x[:, :3]), rtol=1e-5, atol=1e-5)
 
 
-def test_resample_posemb():
-  posemb = _normal((1, 16, 8))
+def _plane(ys, xs, coefficients):
+  """Position embeddings [1, len(ys)·len(xs), D] of the planes a·y + b·x + c (coefficients
+  [3, D]) at grid rows `ys` and columns `xs` (in old-grid cell indices)."""
+  y, x = np.meshgrid(np.asarray(ys, np.float64), np.asarray(xs, np.float64), indexing="ij")
+  a, b, c = np.asarray(coefficients, np.float64)
+  values = y[..., None] * a + x[..., None] * b + c  # [h, w, D]
+  return values.reshape(1, -1, values.shape[-1]).astype(np.float32)
+
+
+# Resampling n cells to m: new cell u's centre (u + 1/2)·n/m in old-grid units is old cell
+# index (u + 1/2)·n/m − 1/2; bilinear interpolation of a plane gives the plane there,
+# held at the edge value beyond the outer old centres (index clamped to [0, n − 1]).
+CENTRES_4_TO_8 = [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3]  # −0.25 and 3.25 clamped
+CENTRES_4_TO_6 = [0, 0.5, 7 / 6, 11 / 6, 2.5, 3]  # −1/6 and 19/6 clamped
+CENTRES_2_TO_4 = [0, 0.25, 0.75, 1]
+PLANES = [[1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [1.0, 0.5, 0.0]]  # [3, D=3]: y, x, y + x/2
+
+
+def test_resample_posemb_gives_a_planes_values_at_the_new_centres():
+  posemb = _plane(range(4), range(4), PLANES)
   np.testing.assert_array_equal(vit.resample_posemb(posemb, (4, 4)), posemb)
-  for method in ("bilinear", "bicubic"):
-    got = vit.resample_posemb(posemb, (6, 3), method=method)
-    grid = np.asarray(posemb)[0].reshape(4, 4, 8)
-    expected = jax.image.resize(grid, (6, 3, 8), method=method)
-    assert got.shape == (1, 18, 8)
-    np.testing.assert_allclose(got[0], np.asarray(expected).reshape(18, 8), atol=1e-6)
-  rect = vit.resample_posemb(posemb[:, :12], (4, 6), old_hw=(2, 6))
-  np.testing.assert_allclose(rect[0, :6], posemb[0, :6], atol=1e-6)
+  got = vit.resample_posemb(posemb, (8, 6))
+  assert got.shape == (1, 48, 3)
+  np.testing.assert_allclose(got, _plane(CENTRES_4_TO_8, CENTRES_4_TO_6, PLANES), atol=1e-5)
+  rect = vit.resample_posemb(_plane(range(2), range(4), PLANES), (4, 8), old_hw=(2, 4))
+  np.testing.assert_allclose(rect, _plane(CENTRES_2_TO_4, CENTRES_4_TO_8, PLANES), atol=1e-5)
+  # Bicubic reproduces a plane where all 4 taps lie inside the grid: new rows/cols 3 and 4.
+  cubic = np.asarray(vit.resample_posemb(posemb, (8, 8), method="bicubic")).reshape(8, 8, 3)
+  np.testing.assert_allclose(cubic[3:5, 3:5].reshape(1, 4, 3),
+                             _plane([1.25, 1.75], [1.25, 1.75], PLANES), atol=1e-5)
+  # Down 8 -> 4: new centres at old 0.5, 2.5, 4.5, 6.5; the antialiasing filter (4 taps,
+  # symmetric) reproduces the plane at the inner two.
+  down = np.asarray(vit.resample_posemb(_plane(range(8), range(8), PLANES), (4, 4)))
+  np.testing.assert_allclose(down.reshape(4, 4, 3)[1:3, 1:3].reshape(1, 4, 3),
+                             _plane([2.5, 4.5], [2.5, 4.5], PLANES), atol=1e-5)
   with pytest.raises(ValueError, match="old_hw"):
     vit.resample_posemb(posemb[:, :12], (4, 4))
   with pytest.raises(ValueError, match="method"):
@@ -174,16 +198,23 @@ def test_resample_posemb():
 
 
 def test_load_resamples_pos_embedding():
+  """A 32 px checkpoint (4x4 grid) loaded into the 64 px model (8x8): its planar
+  pos_embedding takes the plane's values at the new centres; the class token and every
+  other param stay exactly as saved."""
   model = vit.Model(num_classes=3, pool_type="tok", **TINY)
-  small = jax.tree.map(np.asarray, _init(model, _images(h=16, w=16))["params"])
-  large = jax.tree.map(np.asarray, _init(model, _images(h=32, w=32))["params"])
+  small = jax.tree.map(np.asarray, _init(model, _images(h=32, w=32))["params"])
+  large = jax.tree.map(np.asarray, _init(model, _images(h=64, w=64))["params"])
+  planes = _normal((3, TINY["width"]), seed=1)
+  small["pos_embedding"] = _plane(range(4), range(4), planes)
   loaded = vit.load(large, small, dict(TINY))
-  assert loaded["pos_embedding"].shape == (1, 16, 32)
-  assert small["pos_embedding"].shape == (1, 4, 32)
+  assert loaded["pos_embedding"].shape == large["pos_embedding"].shape == (1, 64, 32)
   np.testing.assert_allclose(loaded["pos_embedding"],
-                             vit.resample_posemb(small["pos_embedding"], (4, 4)), atol=1e-6)
-  np.testing.assert_array_equal(loaded["cls"], small["cls"])
-  logits, _ = _apply(model, {"params": loaded}, _images())
+                             _plane(CENTRES_4_TO_8, CENTRES_4_TO_8, planes), atol=1e-5)
+  assert np.abs(small["cls"]).min() > 0  # A class token that zeros would not fake.
+  for name, value in small.items():
+    if name != "pos_embedding":
+      jax.tree.map(np.testing.assert_array_equal, loaded[name], value)
+  logits, _ = _apply(model, {"params": loaded}, _images(h=64, w=64))
   assert logits.shape == (2, 3)
   same = vit.load(small, small, dict(TINY))
   np.testing.assert_array_equal(same["pos_embedding"], small["pos_embedding"])
