@@ -287,23 +287,52 @@ def test_packed_bad_records_are_counted_across_resume(corrupt_dir):
 
 
 def _crash_trials(tmp_path, trials):
+  """Runs the kill -9 tool on 8-step runs (checkpoints every 2 steps); returns its figures
+  after checking them and, independently, every trial's logged losses and final params."""
+  figures_path = tmp_path / "figures.json"
   cmd = [sys.executable, "-m", "big_vision_lite.tools.crash_trials", f"--trials={trials}",
-         f"--workdir_root={tmp_path}", "--total_steps=8"]
+         f"--workdir_root={tmp_path}", "--total_steps=8", f"--json={figures_path}"]
   env = dict(os.environ, PYTHONPATH=REPO)
   done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  assert f"trials run: {trials}" in done.stdout and "mismatches: 0" in done.stdout
-  return done.stdout
+  figures = json.loads(figures_path.read_text())
+  assert json.loads(done.stdout.strip().splitlines()[-1]) == figures  # Its last line.
+  assert figures["trials"] == trials and figures["resumes"] == trials, figures
+  # Every run was killed while it ran: a run that finished first tested nothing.
+  assert figures["kills"] == trials and figures["finished_before_kill"] == 0, figures
+  assert figures["kills_during_save"] >= 1, figures
+  assert figures["resumes_from_checkpoint"] >= 1, figures
+  assert figures["mismatches"] == 0 and figures["failures"] == [], figures
+  assert figures["steps_lost_beyond_checkpoint"] == 0, figures
+  assert all(step in (0, 2, 4, 6, 8) for step in figures["restored_steps"]), figures
+  # A save in flight blocks the next one: a kill loses at most 2 checkpoint intervals.
+  assert len(figures["steps_lost_per_kill"]) == trials, figures
+  assert max(figures["steps_lost_per_kill"]) <= 4, figures
+  # Whatever the tool compared: every loss a trial logged, killed run or resume, is the
+  # reference's at that step, and each trial ends with the reference's params.
+  reference = str(tmp_path / "reference")
+  assert sorted(losses(reference)) == list(range(1, 9))
+  for i in range(trials):
+    trial = str(tmp_path / f"trial_{i}")
+    with open(os.path.join(trial, "metrics.jsonl")) as f:
+      logged = [(r["step"], r["train/loss"]) for r in map(json.loads, f) if "train/loss" in r]
+    assert {step for step, _ in logged} == set(range(1, 9)), (i, logged)
+    assert all(loss == losses(reference)[step] for step, loss in logged), (i, logged)
+    assert_same_params(checkpointing.load_params(trial), checkpointing.load_params(reference))
+  return figures
 
 
 def test_kill_9_trials(tmp_path):
-  """Two runs killed at random moments resume from their newest complete checkpoint and
-  then log the reference's losses."""
+  """Two runs killed (seed 0: one inside the save of step 6, one at a moment uniform over
+  training) resume from their newest complete checkpoint and then log the reference's
+  losses; at least one kill lands inside a save and one resume starts from a checkpoint."""
   _crash_trials(tmp_path, 2)
 
 
 @pytest.mark.slow
 def test_kill_9_trials_20(tmp_path):
-  """Twenty kills, many inside a save (8 minutes of CPU, 10-18 minutes on 2 busy cores)."""
-  out = _crash_trials(tmp_path, 20)
-  assert "steps lost beyond the newest complete checkpoint: 0" in out
+  """Twenty kills: 2 during start-up, 10 aimed inside a save, 8 uniform over training
+  (about 10-25 minutes on 2 busy cores)."""
+  figures = _crash_trials(tmp_path, 20)
+  assert figures["kills_during_save"] >= 10, figures
+  assert figures["resumes_from_scratch"] >= 1, figures

@@ -18,8 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
 from big_vision_lite import checkpointing
 from big_vision_lite import models
@@ -27,7 +26,7 @@ from big_vision_lite import sharding
 from big_vision_lite import tasks
 from big_vision_lite import train
 from big_vision_lite.input import data as data_lib
-from test_train import REPO, read_metrics
+from test_train import REPO, parse_config, read_metrics
 
 # test_train's tiny ViT (2 layers, width 32, 32x32 shapes images), as command-line flags.
 CLI_ARGS = [
@@ -37,15 +36,6 @@ CLI_ARGS = [
     "--config.model.num_heads=2", "--config.model.patch_size=(8, 8)",
     "--config.schedule.warmup_percent=0.0", "--config.evals.val.log_steps=1000",
     "--config.evals.val.batch_size=64", "--config.evals.val.data.split=test[:64]"]
-
-
-def parse_config(args: list[str]):
-  """The config that `python -m big_vision_lite.train <args>` runs."""
-  argv = ["train"] + args
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
-  flag_values(argv)
-  return flag_values.config
 
 
 def free_port() -> int:

@@ -8,8 +8,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from big_vision_lite import checkpointing
 from big_vision_lite import train
@@ -43,6 +46,15 @@ def read_metrics(workdir):
 
 def state_params(workdir):
   return checkpointing.load_params(workdir)
+
+
+def parse_config(args: list[str]) -> ml_collections.ConfigDict:
+  """The config that `python -m big_vision_lite.train <args>` runs."""
+  argv = ["train"] + args
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
 
 
 @pytest.mark.slow
@@ -123,13 +135,35 @@ def test_fsdp_rules_shard_params_and_optimizer_state():
   assert shardings["params"]["bias"].spec == jax.sharding.PartitionSpec()  # 3 % 8 != 0.
 
 
+# The run that test_sigterm_saves_and_exits_cleanly signals: a 1-layer ViT with dropout
+# (so the resumed RNG matters), no periodic checkpoint and no periodic eval.
+SIGTERM_CONFIG = """
+from configs import vit
+
+
+def get_config():
+  config = vit.get_config("res=32,batch_size=16,total_steps=100000")
+  config.model.update(width=32, depth=1, mlp_dim=64, dropout=0.1)
+  config.log_training_steps = 1
+  config.ckpt_steps = 100000
+  config.evals.val.log_steps = 100000
+  config.mesh = [("data", 1)]
+  return config
+"""
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  workdir = str(tmp_path)
-  cmd = [sys.executable, "-m", "big_vision_lite.train",
-         "--config", os.path.join(REPO, "configs/vit.py:res=32,batch_size=16,total_steps=100000"),
-         "--workdir", workdir, "--config.log_training_steps=1", "--config.ckpt_steps=100000",
-         "--config.model.width=32", "--config.model.depth=1", "--config.model.mlp_dim=64"]
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
+  """SIGTERM mid-run: the run saves the step it reached and exits 0. Resumed from that
+  checkpoint for 3 more steps, it logs the losses and ends with the params of a run that
+  went straight to the same step."""
+  config_path = str(tmp_path / "sigterm_config.py")
+  with open(config_path, "w") as f:
+    f.write(SIGTERM_CONFIG)
+  workdir, straight = str(tmp_path / "run"), str(tmp_path / "straight")
+  cmd = [sys.executable, "-m", "big_vision_lite.train", "--config", config_path,
+         "--workdir", workdir]
+  # Like this process, 8 host devices (one used): the same compiled step, to the bit.
+  env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -143,8 +177,20 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
   steps = checkpointing.Checkpointer(workdir).all_steps()
-  assert steps and steps[-1] >= 3, (steps, out)
-  assert "SIGTERM" in out
+  assert len(steps) == 1 and steps[0] >= 3, (steps, out)
+  stopped = steps[0]
+  assert f"Stopped by SIGTERM at step {stopped}" in out, out[-3000:]
+  logged_steps = lambda d: [l["step"] for l in read_metrics(d) if "train/loss" in l]
+  assert logged_steps(workdir) == list(range(1, stopped + 1))
+
+  config = parse_config(["--config", config_path])
+  train.train_and_evaluate(config, straight, stop_after_steps=stopped + 3)
+  train.train_and_evaluate(config, workdir, stop_after_steps=3)
+  # The resume appended steps stopped+1.. to the signalled run's lines, nothing before.
+  assert logged_steps(workdir) == logged_steps(straight) == list(range(1, stopped + 4))
+  loss = lambda d: {l["step"]: l["train/loss"] for l in read_metrics(d) if "train/loss" in l}
+  assert loss(workdir) == loss(straight)
+  jax.tree.map(np.testing.assert_array_equal, state_params(workdir), state_params(straight))
 
 
 @pytest.mark.slow
