@@ -35,16 +35,17 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def timm_live_dir(tmp_path_factory):
-  """tests/make_timm_reference.py run now with a new seed, in a subprocess (torch stays out
-  of the test process, which may also hold TensorFlow); skips when timm is missing."""
+  """tests/make_timm_reference.py run now with a new seed (and installed timm's ViT
+  definitions), in a subprocess (torch stays out of the test process, which may also hold
+  TensorFlow); skips when timm is missing."""
   if importlib.util.find_spec("timm") is None or importlib.util.find_spec("torch") is None:
     pytest.skip("timm/torch not installed, so no live comparison; the saved references in "
                 "tests/data/timm still cover the conversions. Install with: pip install "
                 "torch==2.14.1 torchvision==0.29.1 timm")
   out = tmp_path_factory.mktemp("timm_live")
   script = os.path.join(os.path.dirname(__file__), "make_timm_reference.py")
-  subprocess.run([sys.executable, script, "--out", str(out), "--seed", "3"], check=True,
-                 capture_output=True, timeout=900)
+  subprocess.run([sys.executable, script, "--out", str(out), "--seed", "3", "--vit-definitions"],
+                 check=True, capture_output=True, timeout=900)
   return str(out)
 
 

@@ -127,8 +127,24 @@ def _apply_timm(label, state, x_nchw):
   return np.asarray(out), kwargs
 
 
+# label -> converted kwargs: timm's widths times width_factor, rounded up to multiples of 8
+# (the stem and final conv rounded), and the transformers each reference sets.
+SAVED_KWARGS = {
+    "mobilevit_s_headless": dict(
+        num_classes=0, variant="S", stem_width=2, widths=[8, 8, 16, 16, 24],
+        transformer_widths=[16, 16, 24], transformer_depths=[2, 1, 1], final_width=80),
+    "mobilevit_xs_rect": dict(
+        num_classes=5, variant="XS", stem_width=4, widths=[8, 16, 16, 24, 24],
+        transformer_widths=[16, 24, 32], transformer_depths=[1, 2, 1], final_width=96),
+    "mobilevit_xxs": dict(
+        num_classes=10, variant="XXS", stem_width=4, widths=[8, 8, 16, 16, 24],
+        transformer_widths=[16, 24, 32], transformer_depths=[2, 2, 1], final_width=80),
+}
+
+
 def test_saved_timm_references_exist():
-  assert SAVED_LABELS == ["mobilevit_xxs"]
+  assert SAVED_LABELS == sorted(SAVED_KWARGS)
+  assert sorted(set(LABELS) - set(SAVED_LABELS)) == ["mobilevit_s_full_headless"]
 
 
 @pytest.mark.parametrize("label", SAVED_LABELS)
@@ -136,8 +152,7 @@ def test_saved_timm_reference(label):
   state, x, expected = make_timm_reference.load(os.path.join(DATA_DIR, label))
   out, kwargs = _apply_timm(label, state, x)
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-  assert kwargs == dict(num_classes=10, variant="XXS", stem_width=4, widths=[8, 8, 16, 16, 24],
-                        final_width=80)
+  assert kwargs == SAVED_KWARGS[label]
 
 
 @pytest.mark.parametrize("label", LABELS)
@@ -145,7 +160,7 @@ def test_live_timm(label, timm_live_dir):
   state, x, expected = make_timm_reference.load(os.path.join(timm_live_dir, label))
   out, kwargs = _apply_timm(label, state, x)
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-  if label == "mobilevit_s_headless":  # Full size: the kwargs are just the variant.
+  if label == "mobilevit_s_full_headless":  # Full size: the kwargs are just the variant.
     assert kwargs == dict(num_classes=0, variant="S")
 
 

@@ -130,8 +130,19 @@ def _apply_timm(label, state, x_nchw):
   return np.asarray(out), kwargs
 
 
+# label -> (stem width, widths): timm's int(multiplier · (32; 64, 128, 256, 384, 512)) times
+# width_factor, rounded (stem) or rounded up to multiples of 8, not the variant's own.
+SAVED_WIDTHS = {
+    "mobilevitv2_050": (4, [8, 16, 32, 48, 64]),
+    "mobilevitv2_075_headless": (3, [8, 16, 24, 40, 48]),
+    "mobilevitv2_100_rect": (4, [8, 16, 32, 48, 64]),
+    "mobilevitv2_175": (4, [8, 16, 32, 40, 56]),
+}
+
+
 def test_saved_timm_references_exist():
-  assert SAVED_LABELS == ["mobilevitv2_050", "mobilevitv2_100_rect"]
+  assert SAVED_LABELS == sorted(SAVED_WIDTHS)
+  assert sorted(set(LABELS) - set(SAVED_LABELS)) == ["mobilevitv2_075_full_headless"]
 
 
 @pytest.mark.parametrize("label", SAVED_LABELS)
@@ -140,7 +151,8 @@ def test_saved_timm_reference(label):
   out, kwargs = _apply_timm(label, state, x)
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
   assert kwargs["variant"] == label[len("mobilevitv2_"):][:3]
-  assert kwargs["widths"] == [8, 16, 32, 48, 64]  # timm width_factor, not the variant's.
+  assert kwargs["num_classes"] == make_timm_reference.REFERENCES[label].kwargs["num_classes"]
+  assert (kwargs["stem_width"], kwargs["widths"]) == SAVED_WIDTHS[label]
 
 
 @pytest.mark.parametrize("label", LABELS)
@@ -148,7 +160,7 @@ def test_live_timm(label, timm_live_dir):
   state, x, expected = make_timm_reference.load(os.path.join(timm_live_dir, label))
   out, kwargs = _apply_timm(label, state, x)
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-  if label == "mobilevitv2_075_headless":  # Full size: the kwargs are just the variant.
+  if label == "mobilevitv2_075_full_headless":  # Full size: the kwargs are just the variant.
     assert kwargs == dict(num_classes=0, variant="075")
 
 

@@ -14,20 +14,74 @@ key left over (a timm feature with no equivalent here).
 import json
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
 from absl import app, flags
 
-# timm ViT size word -> number of attention heads (width and depth come from the weights).
-VIT_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16,
-             "giant": 16}
-VIT_PATTERN = re.compile(rf"^vit_({'|'.join(VIT_HEADS)})_patch(8|14|16|32)(?:[_.]|$)")
-VIT_NAMES = "vit_{tiny,small,medium,base,large,huge,giant}_patch{8,14,16,32}_*"
-VIT_FAMILY = (f"{VIT_NAMES} with a class token or average pooling (no register tokens, "
-              "layer scale, attention pooling, pre-norm or qk-norm)")
+class ViTDefinition(NamedTuple):
+  """What a timm ViT's name fixes but its state dict does not show."""
+  num_heads: int
+  class_token: bool  # Class token and global_pool="token", or neither and "avg".
+  gelu_approximate: bool  # act_layer="gelu_tanh", or the exact GELU.
+  layernorm_eps: float
+
+
+# The timm ViTs this converter reproduces, from timm 1.0.31's registrations in
+# timm/models/vision_transformer.py (VisionTransformer with plain blocks, LayerNorm, GELU,
+# a biased patch embedding and learned position embeddings added to the class token too;
+# no register tokens, layer scale, qk-norm, pre-norm, fc_norm or attention pooling).
+# tests/test_import_timm.py::test_vit_definitions_match_timm rebuilds it from installed timm.
+VIT_DEFINITIONS: dict[str, ViTDefinition] = {
+    "vit_base_patch8_224": ViTDefinition(12, True, False, 1e-6),
+    "vit_base_patch16_224": ViTDefinition(12, True, False, 1e-6),
+    "vit_base_patch16_224_miil": ViTDefinition(12, True, False, 1e-6),
+    "vit_base_patch16_384": ViTDefinition(12, True, False, 1e-6),
+    "vit_base_patch16_gap_224": ViTDefinition(16, False, False, 1e-6),
+    "vit_base_patch16_siglip_gap_224": ViTDefinition(12, False, False, 1e-6),
+    "vit_base_patch16_siglip_gap_256": ViTDefinition(12, False, False, 1e-6),
+    "vit_base_patch16_siglip_gap_384": ViTDefinition(12, False, False, 1e-6),
+    "vit_base_patch16_siglip_gap_512": ViTDefinition(12, False, False, 1e-6),
+    "vit_base_patch32_224": ViTDefinition(12, True, False, 1e-6),
+    "vit_base_patch32_384": ViTDefinition(12, True, False, 1e-6),
+    "vit_base_patch32_siglip_gap_256": ViTDefinition(12, False, True, 1e-6),
+    "vit_giant_patch14_224": ViTDefinition(16, True, False, 1e-6),
+    "vit_giant_patch16_gap_224": ViTDefinition(16, False, False, 1e-6),
+    "vit_giantopt_patch16_siglip_gap_256": ViTDefinition(16, False, True, 1e-6),
+    "vit_giantopt_patch16_siglip_gap_384": ViTDefinition(16, False, True, 1e-6),
+    "vit_gigantic_patch14_224": ViTDefinition(16, True, False, 1e-6),
+    "vit_huge_patch14_224": ViTDefinition(16, True, False, 1e-6),
+    "vit_huge_patch14_gap_224": ViTDefinition(16, False, False, 1e-6),
+    "vit_huge_patch16_gap_448": ViTDefinition(16, False, False, 1e-6),
+    "vit_large_patch14_224": ViTDefinition(16, True, False, 1e-6),
+    "vit_large_patch16_224": ViTDefinition(16, True, False, 1e-6),
+    "vit_large_patch16_384": ViTDefinition(16, True, False, 1e-6),
+    "vit_large_patch16_siglip_gap_256": ViTDefinition(16, False, False, 1e-6),
+    "vit_large_patch16_siglip_gap_384": ViTDefinition(16, False, False, 1e-6),
+    "vit_large_patch16_siglip_gap_512": ViTDefinition(16, False, True, 1e-6),
+    "vit_large_patch32_224": ViTDefinition(16, True, False, 1e-6),
+    "vit_large_patch32_384": ViTDefinition(16, True, False, 1e-6),
+    "vit_small_patch8_224": ViTDefinition(6, True, False, 1e-6),
+    "vit_small_patch16_224": ViTDefinition(6, True, False, 1e-6),
+    "vit_small_patch16_384": ViTDefinition(6, True, False, 1e-6),
+    "vit_small_patch32_224": ViTDefinition(6, True, False, 1e-6),
+    "vit_small_patch32_384": ViTDefinition(6, True, False, 1e-6),
+    "vit_so400m_patch14_siglip_gap_224": ViTDefinition(16, False, False, 1e-6),
+    "vit_so400m_patch14_siglip_gap_378": ViTDefinition(16, False, False, 1e-6),
+    "vit_so400m_patch14_siglip_gap_384": ViTDefinition(16, False, False, 1e-6),
+    "vit_so400m_patch14_siglip_gap_448": ViTDefinition(16, False, False, 1e-6),
+    "vit_so400m_patch14_siglip_gap_896": ViTDefinition(16, False, False, 1e-6),
+    "vit_so400m_patch16_siglip_gap_256": ViTDefinition(16, False, True, 1e-6),
+    "vit_so400m_patch16_siglip_gap_384": ViTDefinition(16, False, True, 1e-6),
+    "vit_so400m_patch16_siglip_gap_512": ViTDefinition(16, False, True, 1e-6),
+    "vit_tiny_patch16_224": ViTDefinition(3, True, False, 1e-6),
+    "vit_tiny_patch16_384": ViTDefinition(3, True, False, 1e-6),
+}
+VIT_PATCH = re.compile(r"_patch(\d+)_")
+VIT_FAMILY = ("the timm ViTs named in import_timm.VIT_DEFINITIONS (class token or average "
+              "pooling; width, depth, MLP width, classes and qkv bias read from the weights)")
 
 
 class StateDict:
@@ -84,18 +138,28 @@ def _vit_attention(sd: StateDict, prefix: str, num_heads: int,
   return attn
 
 
+def vit_definition(timm_name: str) -> ViTDefinition:
+  """The VIT_DEFINITIONS entry of `timm_name` (tag after "." ignored); ValueError naming
+  the known names for any other."""
+  definition = VIT_DEFINITIONS.get(timm_name.split(".")[0])
+  if definition is None:
+    raise ValueError(
+        f"Unknown timm ViT name {timm_name!r}: its heads, pooling and activation are not in "
+        "the state dict, so only names in import_timm.VIT_DEFINITIONS convert: "
+        f"{', '.join(VIT_DEFINITIONS)}.")
+  return definition
+
+
 def convert_vit(timm_name: str, sd: StateDict) -> tuple[str, dict[str, Any], dict[str, Any]]:
   """timm VisionTransformer -> `vit`.
 
-  Pooling: class token without fc_norm -> "tok"; fc_norm (global_pool="avg") -> "gap" with
-  final_norm="post_pool"; neither -> "gap" with the encoder norm before pooling. timm adds
-  `pos_embed[:, :1]` to the class token, which is folded into `cls` (timm's
-  no_embed_class=True layout, used by no supported name, cannot be told apart by shapes).
+  Heads, pooling, GELU form and norm epsilon come from `vit_definition(timm_name)`; the
+  weights must have the class token the definition has. timm adds `pos_embed[:, :1]` to
+  the class token, which is folded into `cls`.
   """
-  match = VIT_PATTERN.match(timm_name)
-  if not match:
-    raise ValueError(f"Unsupported timm ViT name {timm_name!r}; supported: {VIT_NAMES}.")
-  num_heads, patch = VIT_HEADS[match.group(1)], int(match.group(2))
+  definition = vit_definition(timm_name)
+  patch = int(VIT_PATCH.search(timm_name).group(1))
+  num_heads = definition.num_heads
   conv = sd.take("patch_embed.proj.weight")  # [D, 3, p, p]
   width = conv.shape[0]
   if conv.shape[2:] != (patch, patch):
@@ -103,16 +167,18 @@ def convert_vit(timm_name: str, sd: StateDict) -> tuple[str, dict[str, Any], dic
                      f"shape {conv.shape}.")
   if width % num_heads:
     raise ValueError(f"{timm_name!r} has width {width}, not divisible by the {num_heads} "
-                     f"heads of a ViT-{match.group(1)}.")
+                     "heads of its timm definition.")
+  if ("cls_token" in sd) != definition.class_token:
+    raise ValueError(
+        f"timm state dict of {timm_name!r} {'lacks' if definition.class_token else 'has'} "
+        f"'cls_token', but timm's {timm_name.split('.')[0]} "
+        f"{'has' if definition.class_token else 'has no'} class token: weights made with "
+        "other class_token/global_pool kwargs cannot be told apart by name; supported: "
+        f"{VIT_FAMILY}.")
   params: dict[str, Any] = {"embedding": {"kernel": conv.transpose(2, 3, 1, 0),  # HWIO
                                           "bias": sd.take("patch_embed.proj.bias")}}
-  has_cls, has_fc_norm = "cls_token" in sd, "fc_norm.weight" in sd
-  if has_cls and has_fc_norm:
-    raise ValueError(f"Unsupported timm parameter 'fc_norm.weight' in {timm_name!r} with a "
-                     "class token: average pooling that skips the class token has no "
-                     f"equivalent here; supported: {VIT_FAMILY}.")
   posemb = sd.take("pos_embed")  # [1, (1 +) N, D]
-  if has_cls:
+  if definition.class_token:
     params["cls"] = sd.take("cls_token") + posemb[:, :1]  # [1, 1, D]
     posemb = posemb[:, 1:]  # [1, N, D]
   params["pos_embedding"] = posemb
@@ -130,10 +196,11 @@ def convert_vit(timm_name: str, sd: StateDict) -> tuple[str, dict[str, Any], dic
     depth += 1
   if not depth:
     raise ValueError(f"timm state dict of {timm_name!r} has no blocks.0.* parameters.")
-  if has_fc_norm:
-    params["fc_norm"] = layernorm_params(sd, "fc_norm")
-  else:
-    blocks["encoder_norm"] = layernorm_params(sd, "norm")
+  if "fc_norm.weight" in sd:
+    raise ValueError(f"Unsupported parameter 'fc_norm.weight' in timm state dict of "
+                     f"{timm_name!r}: timm's {timm_name.split('.')[0]} normalises before "
+                     f"pooling (no fc_norm); supported: {VIT_FAMILY}.")
+  blocks["encoder_norm"] = layernorm_params(sd, "norm")
   params["Transformer"] = blocks
   num_classes = 0
   if "head.weight" in sd:
@@ -141,12 +208,12 @@ def convert_vit(timm_name: str, sd: StateDict) -> tuple[str, dict[str, Any], dic
     num_classes = params["head"]["kernel"].shape[1]
   sd.check_all_taken()
   kwargs = dict(
-      num_classes=num_classes, width=width, depth=depth,
+      num_classes=num_classes, variant=None, width=width, depth=depth,
       mlp_dim=blocks["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"].shape[1],
       num_heads=num_heads, patch_size=[patch, patch], posemb="learn",
-      pool_type="tok" if has_cls else "gap",
-      final_norm="post_pool" if has_fc_norm else "pre_pool", gelu_approximate=False,
-      layernorm_eps=1e-6)
+      pool_type="tok" if definition.class_token else "gap", final_norm="pre_pool",
+      gelu_approximate=definition.gelu_approximate,
+      layernorm_eps=definition.layernorm_eps)
   return "vit", kwargs, {"params": params}
 
 
@@ -222,7 +289,8 @@ def convert_convnextv2(timm_name: str,
 
 MOBILEVIT_PATTERN = re.compile(r"^mobilevit_(xxs|xs|s)(?:[_.]|$)")
 MOBILEVIT2_PATTERN = re.compile(r"^mobilevitv2_(050|075|100|125|150|175|200)(?:[_.]|$)")
-MOBILEVIT_HEADS = 4  # timm's MobileVitBlock default; not recorded in the weights.
+# Heads are not in the weights: MobileVitBlock's default, kept by every timm mobilevit_*.
+MOBILEVIT_HEADS = 4
 MOBILEVIT_FAMILY = ("mobilevit_{xxs,xs,s}* and mobilevitv2_{050,075,100,125,150,175,200}* "
                     "(timm byobnet, any width_factor; no SE blocks, no_fusion or extra heads)")
 
@@ -513,6 +581,8 @@ def find_converter(timm_name: str) -> tuple[str, Converter, str]:
     supported = "; ".join(f"{p}* ({family})" for p, (_, family) in CONVERTERS.items())
     raise ValueError(f"Unsupported timm model name {timm_name!r}; supported: {supported}.")
   converter, family = CONVERTERS[prefixes[0]]
+  if converter is convert_vit:
+    vit_definition(name)  # An unknown ViT fails here, before any weights are read.
   return name, converter, family
 
 
