@@ -160,14 +160,19 @@ def make(label: str, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, 
 
 
 def vit_definitions() -> dict[str, dict[str, Any]]:
-  """What installed timm builds for each `vit_*_patch{8,14,16,32}_*` name (one block, on
-  torch's meta device): model and block classes, heads, class token, pooling, norms,
-  activation and the optional parts a converter must know about."""
+  """What installed timm builds for each `vit_*_patch{8,14,16,32}_*` name of its
+  vision_transformer module (one block, on torch's meta device): model and block classes,
+  heads, class token, pooling, norms, activation and the optional parts a converter must
+  know about. Names from other modules get `model_class` None."""
   import timm  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   found = {}
+  in_vit_module = set(timm.list_models("vit_*", module="vision_transformer"))
   for name in timm.list_models("vit_*"):
     if not re.match(r"^vit_[a-z0-9]+_patch(8|14|16|32)_", name):
+      continue
+    if name not in in_vit_module:  # Eva and others: another class, some need their depth.
+      found[name] = {"model_class": None}
       continue
     with torch.device("meta"):
       model = timm.create_model(name, pretrained=False, depth=1)

@@ -116,7 +116,8 @@ def _convertible(definition):
   return (definition["model_class"] == "VisionTransformer"
           and definition["block_class"] == "Block"
           and definition["attn_class"] == "Attention" and definition["mlp_class"] == "Mlp"
-          and definition["act"] in ("GELU", "GELUTanh")
+          and (definition["act"], definition["gelu_approximate"]) in (("GELU", "none"),
+                                                                      ("GELUTanh", None))
           and (definition["class_token"], definition["global_pool"]) in ((True, "token"),
                                                                           (False, "avg"))
           and not definition["no_embed_class"] and definition["reg_tokens"] == 0
