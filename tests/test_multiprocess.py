@@ -147,18 +147,33 @@ def eight_devices(request, tmp_path_factory) -> tuple[list[str], str]:
   return args, workdir
 
 
+def rule_of(args: list[str]) -> str:
+  """The sharding rule ("fsdp" or "replicate") of the flags of `eight_devices`."""
+  return parse_config(args).sharding_rules[0][1]
+
+
 def copy_checkpoint(workdir: str, step: int, new_workdir: str) -> None:
   """A new workdir holding only `step`'s checkpoint of `workdir`."""
   shutil.copytree(os.path.join(workdir, "checkpoints", str(step)),
                   os.path.join(new_workdir, "checkpoints", str(step)))
 
 
-def check_restores(config, workdir: str, devices: int) -> dict[str, Any]:
-  """Checks that the train loop's restore onto `config`'s mesh of `devices` gives exactly
-  the saved params; returns the restored data positions."""
-  params, data_state = restore(config, workdir)
+def assert_layout(params: dict[str, Any], rule: str, devices: int) -> None:
+  """Each device holds whole leaves ("replicate"), or ("fsdp") 1/`devices` of each leaf
+  having a dimension divisible by `devices` and whole leaves otherwise."""
   for leaf in jax.tree.leaves(params):
     assert leaf.sharding.mesh.size == devices
+    split = rule == "fsdp" and any(d % devices == 0 for d in leaf.shape)
+    for shard in leaf.addressable_shards:
+      assert shard.data.size * (devices if split else 1) == leaf.size, (rule, leaf.shape,
+                                                                         leaf.sharding)
+
+
+def check_restores(config, workdir: str, devices: int, rule: str) -> dict[str, Any]:
+  """Checks that the train loop's restore onto `config`'s mesh of `devices` gives exactly
+  the saved params, laid out by `rule`; returns the restored data positions."""
+  params, data_state = restore(config, workdir)
+  assert_layout(params, rule, devices)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                checkpointing.load_params(workdir))
   return data_state
@@ -194,23 +209,29 @@ def test_two_processes_match_one_and_restore_in_one(eight_devices, tmp_path):
   copy_checkpoint(single, 4, single_4)
   # Same data position; the params' fingerprints differ with their last bits.
   position = lambda data_state: {k: v for k, v in data_state.items() if k != "state_fingerprint"}
-  assert position(check_restores(config, multi_4, devices=2)) == position(
+  assert position(check_restores(config, multi_4, devices=2, rule=rule_of(args))) == position(
       restore(config, single_4)[1])
 
 
-@pytest.mark.parametrize("hops", [(1, 8), pytest.param((2, 1, 8), marks=pytest.mark.slow)])
-def test_checkpoints_resume_on_other_device_counts(eight_devices, hops, tmp_path):
-  """The 8-device run continues two steps on each device count of `hops` in turn, ending at
-  step 8: every hop restores the saved params exactly onto its mesh, and the losses follow
-  the straight 8-device run."""
+@pytest.mark.parametrize("hops", [
+    ((8, "other"), (1, "own"), (8, "own")),
+    pytest.param(((2, "own"), (1, "own"), (8, "own")), marks=pytest.mark.slow)])
+def test_checkpoints_resume_on_other_devices_and_rules(eight_devices, hops, tmp_path):
+  """The 8-device run continues two steps per hop, ending at step 8, on the hop's device
+  count under its rules ("own": the run's, "other": replicated for an FSDP run, FSDP for
+  a replicated one): every hop restores exactly the saved params, in the layout of its
+  mesh and rules, and the losses follow the straight 8-device run."""
   args, straight = eight_devices
+  rules = {"own": rule_of(args),
+           "other": {"fsdp": "replicate", "replicate": "fsdp"}[rule_of(args)]}
   workdir = str(tmp_path / "hops")
   start = 8 - 2 * len(hops)
   copy_checkpoint(straight, start, workdir)
-  for devices in hops:
+  for devices, rule in hops:
     config = parse_config(args)
     config.mesh = (("data", devices),)
-    check_restores(config, workdir, devices)
+    config.sharding_rules = ((".*", rules[rule]),)
+    check_restores(config, workdir, devices, rules[rule])
     train.train_and_evaluate(config, workdir, stop_after_steps=2)
   assert list(losses(workdir)) == list(range(start + 1, 9))
   np.testing.assert_allclose(list(losses(workdir).values()),
