@@ -21,10 +21,11 @@ A trial fails when the run finished before its kill (nothing was tested), or the
  - logs a loss that differs from the reference's at any step after the restored one, or
  - ends with params that differ from the reference's.
 Prints each trial, then the figures as text and, last, as one JSON line (also written to
-`--json`): trials, kills (at start-up, inside a save: an orbax temporary directory was
-left), runs that finished before their kill, resumes (from a checkpoint, from scratch),
-restored steps, steps lost per kill (progress of the killed run minus the restored step),
-steps lost beyond the newest complete checkpoint, mismatches. Exits 1 on any failure.
+`--json`): trials, kills (before the first step, inside a save: an orbax temporary
+directory was left), runs that finished before their kill, resumes (from a checkpoint,
+from scratch), restored steps, steps lost per kill (progress of the killed run minus the
+restored step), steps lost beyond the newest complete checkpoint, mismatches. Exits 1 on
+any failure.
 `train.py` logs every step's loss to `metrics.jsonl`, which is what is compared; lines
 appended by the resumed run are told apart by the file's size at the kill.
 """
@@ -62,7 +63,6 @@ _UNREADABLE = "does not restore"
 _STEP_DONE = re.compile(r"\] step (\d+)/\d+ ")  # train.py's console line of a logged step.
 _TMP_STEP = re.compile(r"(\d+)\.orbax-checkpoint-tmp")  # orbax's name of a step being saved.
 _POLL_SECONDS = 0.002
-KINDS = ("startup", "save", "any")
 
 
 def train_command(workdir: str, data_dir: str, total_steps: int, ckpt_steps: int) -> list[str]:
@@ -139,7 +139,7 @@ def run_reference(workdir: str, data_dir: str) -> Reference:
     proc = subprocess.Popen(train_command(workdir, data_dir, flags.FLAGS.total_steps,
                                           flags.FLAGS.ckpt_steps),
                             cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    while proc.poll() is None:
+    while proc.poll() is None and time.time() - start < flags.FLAGS.timeout:
       now = time.time() - start
       for step in read_losses(metrics):
         logged_at.setdefault(step, now)
@@ -154,14 +154,15 @@ def run_reference(workdir: str, data_dir: str) -> Reference:
       raise RuntimeError(f"The reference run failed; see {workdir}.log.")
   save_seconds = {s: committed_seen[s] - t for s, t in tmp_seen.items() if s in committed_seen}
   if not logged_at or not save_seconds:
-    raise RuntimeError(f"The reference run logged no step or no save was seen; see {workdir}.log.")
+    raise RuntimeError(f"The reference run logged no step or no save was seen; see "
+                       f"{workdir}.log.")
   return Reference(read_losses(metrics), checkpointing.load_params(workdir),
                    min(logged_at.values()), logged_at, save_seconds)
 
 
 @dataclasses.dataclass
 class Trial:
-  kind: str  # One of KINDS.
+  kind: str  # "startup", "save" or "any".
   killed: bool = False
   during_save: bool = False
   progress: int = 0  # Last step the killed run finished (its console line).
