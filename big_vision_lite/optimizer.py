@@ -1,8 +1,9 @@
 """Optimiser and learning-rate schedule from the config (optax).
 
 Config fields: `optax_name` ("adamw" | "sgd" | "lion" | "adafactor"), `optax` (kwargs of
-that optax function), `lr`, `wd` (decoupled, applied to leaves matching `wd_mask`),
-`schedule` (`decay_type`, `warmup_steps` or `warmup_percent`, `end_lr_ratio`),
+that optax function), `lr`, `wd` (decoupled for every optimiser: a step subtracts
+lr(step) * wd * param from each leaf matching `wd_mask`, default `.*kernel$`), `schedule`
+(`decay_type`, `warmup_steps` or `warmup_percent`, `end_lr_ratio`, `timescale` of rsqrt),
 `grad_clip_norm`, `frozen_params` (regexes of parameters that are not updated).
 """
 import re
@@ -51,7 +52,8 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   sched = config.get("schedule") or {}
   warmup = sched.get("warmup_steps")
   if warmup is None:
-    warmup = int(sched.get("warmup_percent", 0.0) * total)
+    # Rounded before the floor: 0.29 * 100 is 28.999999999999996 in floating point.
+    warmup = int(round(sched.get("warmup_percent", 0.0) * total, 6))
   warmup = min(int(warmup), total)
   lr = config.get("lr", 1e-3)
   end_lr = lr * sched.get("end_lr_ratio", 0.0)

@@ -60,6 +60,9 @@ SCHEDULES = [
     (dict(decay_type="cosine", warmup_percent=0.0), 40, 0, {0: 0.5, 20: 0.25, 40: 0.0}),
     (dict(decay_type="linear", warmup_steps=8, end_lr_ratio=0.2), 48, 8,
      {0: 0.0, 4: 0.25, 8: 0.5, 28: 0.3, 47: 0.5 - 0.4 * 39 / 40, 48: 0.1, 60: 0.1}),
+    # 0.29 * 100 is 28.999999999999996 in floating point: still 29 warm-up steps.
+    (dict(decay_type="linear", warmup_percent=0.29), 100, 29,
+     {0: 0.0, 28: 0.5 * 28 / 29, 29: 0.5, 100: 0.0}),
     (dict(decay_type="rsqrt", warmup_steps=10, timescale=20), 50, 10,
      {0: 0.0, 5: 0.25, 10: 0.5, 30: 0.5 * np.sqrt(0.5), 70: 0.25}),
     (dict(decay_type="constant", warmup_steps=6), 30, 6,
@@ -68,8 +71,8 @@ SCHEDULES = [
 
 
 @pytest.mark.parametrize("fields,total,warmup,known", SCHEDULES, ids=[
-    "cosine_warmup_steps", "cosine_warmup_percent", "cosine_no_warmup", "linear", "rsqrt",
-    "constant"])
+    "cosine_warmup_steps", "cosine_warmup_percent", "cosine_no_warmup", "linear",
+    "linear_warmup_percent", "rsqrt", "constant"])
 def test_schedule_matches_closed_form(fields, total, warmup, known):
   schedule = optimizer.make_schedule(schedule_config(total, 0.5, **fields))
   # Step 0, mid-warm-up, the join point, mid-decay, the last step and beyond the end.
