@@ -4,7 +4,10 @@ r"""The one train loop: every config, every task, 1 CPU to a multi-host TPU pod.
 
 What a step computes comes from the config's `task`; the loop owns sharding, the
 optimiser, checkpoints, metrics and evaluators. A run resumes by itself from the newest
-checkpoint in its workdir; SIGTERM saves a checkpoint and exits 0.
+checkpoint in its workdir; SIGTERM saves a checkpoint and exits 0. `init_from` an import
+(tools/import_*.py) takes the model's structural fields from its model.json where the config
+leaves them out or at the model's defaults (a conflicting value is an error naming both);
+config.json records the fields the run used.
 """
 import dataclasses
 import logging as std_logging

@@ -8,6 +8,11 @@ accuracy (chance: 10% / 50%; a linear classifier on the pixels gets 12-15%).
 Arguments: `configs/vit.py:variant=S/16,res=224,dataset=imagenet2012,num_classes=1000,...`
 (`variant=mini/4` is the CPU default; any ViT variant such as Ti/16, S/16, B/32 works),
 plus any `--config.<field>=<value>` override.
+
+Fine-tuning an import (`tools/import_timm.py`): `--config.init_from=DIR` takes the model's
+structural fields from DIR/model.json (pooling and class token, heads, norms, GELU form,
+...); `pool_type="gap"` here is the model's default, so an import's class token wins, while
+the sizes of `variant` must be the import's (e.g. variant=S/16 for vit_small_patch16_224).
 """
 from big_vision_lite import config_lib
 from configs import common
