@@ -1,5 +1,6 @@
 """timm -> big_vision_lite weight import: saved references, live timm, errors and the CLI."""
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -109,6 +110,22 @@ def test_live_timm(label, timm_live_dir):
   assert not np.allclose(state["patch_embed.proj.weight"], saved_state["patch_embed.proj.weight"])
   out, _ = _apply(_timm_name(label), state, x)
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+LIVE_TEST_MODULES = ("test_import_timm", "test_convnext2", "test_efficientvit", "test_mobilevit",
+                     "test_mobilevit2")
+
+
+def test_live_tests_cover_every_reference():
+  """Each family's test_live_timm runs once per reference (without timm they are skipped, so
+  a lost parametrize would otherwise go unseen), and together they cover REFERENCES."""
+  covered = []
+  for name in LIVE_TEST_MODULES:
+    module = importlib.import_module(name)
+    marks = [(m.args, m.kwargs) for m in getattr(module.test_live_timm, "pytestmark", [])]
+    assert marks == [(("label", module.LABELS), {})], name
+    covered += module.LABELS
+  assert sorted(covered) == sorted(make_timm_reference.REFERENCES)
 
 
 def _convertible(definition):
