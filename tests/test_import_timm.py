@@ -199,7 +199,7 @@ def test_unknown_vit_name_lists_known(name):
 
 @pytest.mark.parametrize("label, name, match", [
     ("vit_tiny_patch16_224", GAP_LABEL, "has 'cls_token'.*has no class token"),
-    (GAP_LABEL, "vit_base_patch16_224", "lacks 'cls_token'.*has class token"),
+    (GAP_LABEL, "vit_base_patch16_224", "lacks 'cls_token'.*has a class token"),
 ])
 def test_class_token_must_match_the_name(label, name, match):
   state = load_file(os.path.join(DATA_DIR, label, "state.safetensors"))

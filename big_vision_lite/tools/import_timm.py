@@ -172,7 +172,7 @@ def convert_vit(timm_name: str, sd: StateDict) -> tuple[str, dict[str, Any], dic
     raise ValueError(
         f"timm state dict of {timm_name!r} {'lacks' if definition.class_token else 'has'} "
         f"'cls_token', but timm's {timm_name.split('.')[0]} "
-        f"{'has' if definition.class_token else 'has no'} class token: weights made with "
+        f"{'has a' if definition.class_token else 'has no'} class token: weights made with "
         "other class_token/global_pool kwargs cannot be told apart by name; supported: "
         f"{VIT_FAMILY}.")
   params: dict[str, Any] = {"embedding": {"kernel": conv.transpose(2, 3, 1, 0),  # HWIO
