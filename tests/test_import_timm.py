@@ -141,6 +141,7 @@ def _convertible(definition):
           and definition["pos_embed"] and definition["patch_bias"]
           and not definition["dynamic_img_pad"] and definition["norm"] == "LayerNorm"
           and definition["block_norm"] == "LayerNorm"
+          and definition["norm_eps_final"] == definition["norm_eps"]
           and not any(definition[k] for k in ("norm_pre", "fc_norm", "attn_pool", "layer_scale",
                                              "qk_norm", "attn_norm", "mlp_norm")))
 
