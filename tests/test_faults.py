@@ -323,9 +323,9 @@ def _crash_trials(tmp_path, trials):
 
 
 def test_kill_9_trials(tmp_path):
-  """Two runs killed (seed 0: one inside the save of step 6, one at a moment uniform over
-  training) resume from their newest complete checkpoint and then log the reference's
-  losses; at least one kill lands inside a save and one resume starts from a checkpoint."""
+  """Two runs killed (seed 0: one inside the final save, of step 8, so that step 6 is
+  restored; one at a moment uniform over training) resume from their newest complete
+  checkpoint and then log the reference's losses and end with its params."""
   _crash_trials(tmp_path, 2)
 
 

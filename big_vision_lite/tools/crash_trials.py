@@ -196,7 +196,8 @@ def wait_for_kill_moment(kind: str, proc: subprocess.Popen, workdir: str,
     _wait(proc, lambda: time.time() >= deadline or os.path.exists(metrics))
     return
   if kind == "save":
-    step = int(rng.choice(sorted(reference.save_seconds)))
+    total, every = flags.FLAGS.total_steps, flags.FLAGS.ckpt_steps
+    step = int(rng.choice(list(range(every, total, every)) + [total]))  # Periodic and final.
     started = lambda: any(n.startswith(f"{step}.orbax") or n == str(step)
                           for n in checkpoint_names(workdir))
     _wait(proc, started)
