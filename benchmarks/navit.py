@@ -1,23 +1,29 @@
-r"""NaViT benchmark: packing efficiency, packed train-step speed, masking cost, token dropping.
+r"""NaViT benchmark: packing padding, packed train-step speed, masking cost, token dropping.
 
   python -m benchmarks.navit --width 192 --depth 4 --heads 3 --seq_len 512 --patch 16 \
       --rows 4 --images 3000 --steps 20
 
 Image sizes only (no pixels are needed to pack): the side of the equal-area square is
-uniform in [--min_side, --max_side] px, the aspect ratio log-uniform in
+uniform in [min_side, max_side] px, the aspect ratio log-uniform in
 [1 / --max_aspect, --max_aspect], and an image of more than seq_len tokens is resized down
 to fit, as `packing.grid_size(..., max_tokens=seq_len)` does.
 
-  (a) Packs --images images with `packing.Packer` (rows still packed once the stream runs
-      out, which are emptier, are left out) and reports the padding fraction of the tokens
-      and the images per row, against the baseline of one image per row padded to seq_len.
-  (b) Times a training step, jit(value_and_grad) of a softmax cross-entropy w.r.t. the
-      params, forward and backward, of --rows rows with random pixels, for: NaViT on
-      packed rows; the same NaViT and shapes with every token in one segment; a plain
-      `vit.Model` (no mask) on square images of seq_len tokens with the same pooling; and
-      the segment-masked attention op alone against unmasked attention. "Padded" is one
-      image per row padded to seq_len: the plain ViT's step time, with only that image's
-      real tokens counted. Image and token counts per row come from (a).
+  (a) For each `seq_len:min_side:max_side` of --padding (by default rows of 256 tokens
+      with sides of 64..256 px, the NaViT paper's setting, and rows of 512 and 1024 tokens
+      with sides of 64..384 px), packs --images images with `packing.Packer` as training
+      does (its default best-fit decreasing; the same images with first-fit decreasing
+      from the oldest image, the packer before; and the default with token dropping).
+      Rows still packed once the stream runs out, which are emptier, are left out. Reports
+      the padding fraction of the tokens and the images per row, against the baseline of
+      one image per row padded to seq_len.
+  (b) At --seq_len with sides of --min_side..--max_side px, times a training step,
+      jit(value_and_grad) of a softmax cross-entropy w.r.t. the params, forward and
+      backward, of --rows rows with random pixels, for: NaViT on packed rows; the same
+      NaViT and shapes with every token in one segment; a plain `vit.Model` (no mask) on
+      square images of seq_len tokens with the same pooling; and the segment-masked
+      attention op alone against unmasked attention. "Padded" is one image per row padded
+      to seq_len: the plain ViT's step time, with only that image's real tokens counted.
+      Image and token counts per row come from (a) at the same setting.
   (c) The same NaViT on packed rows whose images drop a beta-distributed fraction of their
       tokens (`packing.tokenize(..., token_drop=...)`) against no dropping.
 
@@ -53,11 +59,13 @@ flags.DEFINE_enum("attention_impl", "auto", packed_attention.IMPLS, "NaViT atten
 flags.DEFINE_integer("seq_len", 512, "Tokens per packed row.")
 flags.DEFINE_integer("patch", 16, "Patch size in pixels.")
 flags.DEFINE_integer("max_images", 16, "Image slots per packed row.")
-flags.DEFINE_integer("buffer", 64, "Packer pool size.")
+flags.DEFINE_integer("buffer", packing.DEFAULT_BUFFER_SIZE, "Packer pool size.")
 flags.DEFINE_integer("rows", 4, "Rows per timed batch.")
 flags.DEFINE_integer("images", 3000, "Images packed for the statistics of (a) and (c).")
-flags.DEFINE_float("min_side", 64, "Smallest side of the equal-area square, in px.")
-flags.DEFINE_float("max_side", 384, "Largest side of the equal-area square, in px.")
+flags.DEFINE_float("min_side", 64, "Smallest side of the equal-area square, in px (b, c).")
+flags.DEFINE_float("max_side", 384, "Largest side of the equal-area square, in px (b, c).")
+flags.DEFINE_list("padding", ["256:64:256", "512:64:384", "1024:64:384"],
+                  "seq_len:min_side:max_side of each padding measurement of (a).")
 flags.DEFINE_float("max_aspect", 2.0, "Aspect ratios are log-uniform in [1/this, this].")
 flags.DEFINE_float("drop_a", 1.0, "Token drop rate ~ beta(drop_a, drop_b) ...")
 flags.DEFINE_float("drop_b", 3.0, "... scaled to [0, drop_max].")
@@ -70,31 +78,35 @@ FLAGS = flags.FLAGS
 PACKED_INPUTS = ("segment_ids", "positions", "image_sizes")
 
 
-def sample_sizes(num: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+Setting = tuple[int, float, float]  # seq_len, min_side, max_side
+
+
+def sample_sizes(num: int, rng: np.random.Generator, setting: Setting) -> list[tuple[int, int]]:
   """Grids (h, w) in patches of `num` random images, each at most seq_len tokens."""
-  sides = rng.uniform(FLAGS.min_side, FLAGS.max_side, num)
+  seq_len, min_side, max_side = setting
+  sides = rng.uniform(min_side, max_side, num)
   log_aspects = rng.uniform(-math.log(FLAGS.max_aspect), math.log(FLAGS.max_aspect), num)
   return [packing.grid_size(max(1, round(side * math.exp(-a / 2))),
                             max(1, round(side * math.exp(a / 2))), FLAGS.patch,
-                            max_tokens=FLAGS.seq_len)
+                            max_tokens=seq_len)
           for side, a in zip(sides, log_aspects)]
 
 
-def tokenized(sizes: Iterable[tuple[int, int]], rng: np.random.Generator, *, pixels: bool,
-              token_drop: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
+def tokenized(sizes: Iterable[tuple[int, int]], rng: np.random.Generator, seq_len: int, *,
+              pixels: bool, token_drop: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
   """Tokens of images of the given grids: random pixels in [-1, 1], or zeros."""
   for index, (h, w) in enumerate(sizes):
     shape = (h * FLAGS.patch, w * FLAGS.patch, 3)
-    image = rng.uniform(-1, 1, shape) if pixels else np.zeros(shape)
-    example = {"image": image.astype(np.float32), "label": index % FLAGS.classes}
-    yield packing.tokenize(example, FLAGS.patch, max_tokens=FLAGS.seq_len,
-                           token_drop=token_drop, rng=rng)
+    image = rng.uniform(-1, 1, shape).astype(np.float32) if pixels else np.zeros(shape, np.uint8)
+    example = {"image": image, "label": index % FLAGS.classes}
+    yield packing.tokenize(example, FLAGS.patch, max_tokens=seq_len, token_drop=token_drop,
+                           rng=rng)
 
 
-def packed_rows(images: Iterable[dict[str, Any]], limit: int | None = None
-                ) -> list[dict[str, np.ndarray]]:
+def packed_rows(images: Iterable[dict[str, Any]], seq_len: int, limit: int | None = None,
+                **packer_options: Any) -> list[dict[str, np.ndarray]]:
   """Rows packed while the Packer's pool is full (the final flush is left out)."""
-  packer = packing.Packer(FLAGS.seq_len, FLAGS.max_images, FLAGS.buffer)
+  packer = packing.Packer(seq_len, FLAGS.max_images, FLAGS.buffer, **packer_options)
   rows = []
   for index, image in enumerate(images):
     packer.add(index, image)
@@ -105,16 +117,32 @@ def packed_rows(images: Iterable[dict[str, Any]], limit: int | None = None
   return rows
 
 
-def packing_stats(rows: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def packing_stats(rows: list[dict[str, np.ndarray]], seq_len: int) -> dict[str, float]:
   """Padding fraction, images and real tokens per row, and the one-image-per-row baseline."""
-  batch = packing.stack(rows)
-  real = float((batch["segment_ids"] > 0).sum())
-  images = float(batch["label_mask"].sum())
+  real = float(sum((row["segment_ids"] > 0).sum() for row in rows))
+  images = float(sum(row["label_mask"].sum() for row in rows))
   return {"rows": len(rows), "images": images,
-          "padding": 1.0 - real / (len(rows) * FLAGS.seq_len),
+          "padding": 1.0 - real / (len(rows) * seq_len),
           "images_per_row": images / len(rows), "tokens_per_row": real / len(rows),
           "tokens_per_image": real / images,
-          "baseline_padding": 1.0 - real / (images * FLAGS.seq_len)}
+          "baseline_padding": 1.0 - real / (images * seq_len)}
+
+
+# Packer options by name; first-fit decreasing from the oldest image is the packer before.
+PACKERS = {"best-fit decreasing (default)": lambda seq_len: {},
+           "first-fit decreasing, oldest first": lambda seq_len: dict(fill_slack=seq_len,
+                                                                      max_wait=0)}
+DEFAULT_PACKER = "best-fit decreasing (default)"
+
+
+def padding_of(setting: Setting, packer: str, drop: Mapping[str, Any] | None
+               ) -> dict[str, float]:
+  """`packing_stats` of --images images of `setting` (the same sizes for every packer)."""
+  rng = np.random.default_rng([FLAGS.seed, *map(int, setting)])
+  sizes = sample_sizes(FLAGS.images, rng, setting)
+  options = PACKERS[packer](setting[0])
+  images = tokenized(sizes, rng, setting[0], pixels=False, token_drop=drop)
+  return packing_stats(packed_rows(images, setting[0], **options), setting[0])
 
 
 def xent(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -134,9 +162,10 @@ def square_grid(tokens: int) -> tuple[int, int]:
   return h, tokens // h
 
 
-def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> None:
+  """Columns aligned: the first `left` to the left, the others to the right."""
   widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-  line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+  line = lambda r: "  ".join(c.ljust(w) if i < left else c.rjust(w)
                              for i, (c, w) in enumerate(zip(r, widths)))
   print(line(header))
   print("  ".join("-" * w for w in widths))
@@ -153,28 +182,43 @@ def main(argv: list[str]) -> None:
   device = jax.devices()[0]
   print(f"device: {len(jax.devices())} x {device.device_kind} ({jax.default_backend()}), "
         f"{os.cpu_count()} CPU cores, jax {jax.__version__}")
-  print(f"images: side U({FLAGS.min_side:g}, {FLAGS.max_side:g}) px, aspect log-U(1:"
-        f"{FLAGS.max_aspect:g}, {FLAGS.max_aspect:g}:1), {FLAGS.patch} px patches, "
-        f"<= {seq_len} tokens")
-  print(f"packing: seq_len {seq_len}, max_images {FLAGS.max_images}, buffer {FLAGS.buffer}, "
-        f"{FLAGS.images} images; token drop beta(a={FLAGS.drop_a:g}, b={FLAGS.drop_b:g}) "
+  print(f"images: aspect log-U(1:{FLAGS.max_aspect:g}, {FLAGS.max_aspect:g}:1), {FLAGS.patch} px "
+        f"patches, <= seq_len tokens; token drop beta(a={FLAGS.drop_a:g}, b={FLAGS.drop_b:g}) "
         f"x {FLAGS.drop_max:g}")
+  print(f"packing: max_images {FLAGS.max_images}, buffer {FLAGS.buffer}; best-fit decreasing "
+        f"with fill slack {packing.FILL_SLACK} and max wait 4 x buffer")
 
-  # (a) Packing statistics, without and with token dropping, of one stream of sizes.
-  sizes = sample_sizes(FLAGS.images, rng)
-  stats = {name: packing_stats(packed_rows(tokenized(sizes, rng, pixels=False, token_drop=d)))
-           for name, d in (("no drop", None), ("token drop", drop))}
-  print("\n(a) packing (final flush rows excluded)")
-  print_table(("", "rows", "images/row", "tokens/image", "padding", "padded alone"),
-              [(name, f"{s['rows']}", f"{s['images_per_row']:.2f}",
-                f"{s['tokens_per_image']:.1f}", f"{s['padding']:.1%}",
-                f"{s['baseline_padding']:.1%}") for name, s in stats.items()])
+  # (a) Padding of each setting: both packers on one stream of sizes, and token dropping.
+  settings = [tuple(kind(value) for kind, value in zip((int, float, float), item.split(":")))
+              for item in FLAGS.padding]
+  measured = {}  # (setting, packer, token drop) -> packing_stats
+  table = []
+  for setting in settings:
+    for name, token_drop in [(name, None) for name in PACKERS] + [(DEFAULT_PACKER, drop)]:
+      stats = measured[setting, name, bool(token_drop)] = padding_of(setting, name, token_drop)
+      label = name.replace(" (default)", "") + (", token drop" if token_drop else "")
+      table.append((f"{setting[0]}", f"{setting[1]:g}..{setting[2]:g}", label,
+                    f"{stats['rows']}", f"{stats['images_per_row']:.2f}",
+                    f"{stats['tokens_per_image']:.1f}", f"{stats['padding']:.2%}",
+                    f"{stats['baseline_padding']:.1%}"))
+  print(f"\n(a) padding, {FLAGS.images} images per setting, equal-area side uniform in "
+        "'sides' (final flush rows excluded)")
+  print_table(("seq_len", "sides px", "packer", "rows", "images/row", "tokens/image",
+               "padding", "padded alone"), table, left=3)
+  timed = (seq_len, FLAGS.min_side, FLAGS.max_side)
+  stats = {name: measured.get((timed, DEFAULT_PACKER, dropped))
+           or padding_of(timed, DEFAULT_PACKER, drop if dropped else None)
+           for name, dropped in (("no drop", False), ("token drop", True))}
+  print(f"\n(b, c) at seq_len {seq_len}, sides {FLAGS.min_side:g}..{FLAGS.max_side:g} px: "
+        f"padding {stats['no drop']['padding']:.2%}, images/row "
+        f"{stats['no drop']['images_per_row']:.2f} ({stats['token drop']['images_per_row']:.2f} "
+        "with token drop)")
 
   # (b), (c) Timed batches of random pixels.
   def batch_of(token_drop: Mapping[str, Any] | None) -> dict[str, jax.Array]:
-    images = tokenized(sample_sizes(10 * (FLAGS.buffer + batch_rows), rng), rng,
-                       pixels=True, token_drop=token_drop)
-    return jax.device_put(packing.stack(packed_rows(images, batch_rows)))
+    sizes = sample_sizes(10 * (FLAGS.buffer + batch_rows), rng, timed)
+    images = tokenized(sizes, rng, seq_len, pixels=True, token_drop=token_drop)
+    return jax.device_put(packing.stack(packed_rows(images, seq_len, batch_rows)))
 
   packed, dropped = batch_of(None), batch_of(drop)
   one_segment = dict(packed, segment_ids=jnp.ones_like(packed["segment_ids"]))

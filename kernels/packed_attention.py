@@ -7,10 +7,14 @@ segment_ids [B, L] int (0 = padding, which attends only to padding):
                ids and broadcast over heads (XLA fuses it on GPU; on CPU it is materialised).
   "pallas"     the flash-attention kernels that ship with JAX, which take segment ids and
                never build an L x L mask: `pallas.ops.gpu.attention.mha` on GPU (Triton) and
-               `pallas.ops.tpu.flash_attention` on TPU. L must be a multiple of 128 (or
-               smaller than 128, as one block) and Dh a multiple of 16.
+               `pallas.ops.tpu.flash_attention` on TPU. Dh must be a multiple of 16, and L a
+               multiple of 128 (the kernels' block), or on GPU also 16, 32 or 64 (one block:
+               Triton's blocks are powers of two; the TPU kernel's key blocks hold 128).
   "interpret"  the GPU Pallas kernel in interpret mode (tests on CPU).
   "auto"       "pallas" on GPU/TPU where the shapes allow it, the reference elsewhere.
+
+`gpu_kernel` and `tpu_kernel` are the two Pallas paths themselves (tests run the TPU one
+under `pallas.tpu.force_tpu_interpret_mode` and lower the GPU one for CUDA on CPU).
 """
 import jax
 import jax.numpy as jnp
@@ -32,18 +36,23 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
   return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids))
 
 
-def _pallas_shapes_ok(q: jax.Array) -> bool:
+def pallas_shapes_ok(q: jax.Array, backend: str) -> bool:
+  """Whether the Pallas kernel of `backend` ("gpu" or "tpu") takes q [B, L, H, Dh]."""
   length, head_dim = q.shape[1], q.shape[3]
-  return (length % _BLOCK == 0 or length < _BLOCK) and head_dim % 16 == 0 and length >= 16
+  one_gpu_block = backend == "gpu" and length in (16, 32, 64)
+  return head_dim % 16 == 0 and (length % _BLOCK == 0 or one_gpu_block)
 
 
-def _pallas_gpu(q, k, v, segment_ids, interpret: bool = False):
+def gpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+               interpret: bool = False) -> jax.Array:
+  """JAX's Triton flash attention with segment ids; q, k, v [B, L, H, Dh] -> [B, L, H, Dh]."""
   scale = 1.0 / np.sqrt(q.shape[-1])
   return gpu_attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale,
                            interpret=interpret)
 
 
-def _pallas_tpu(q, k, v, segment_ids):
+def tpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """JAX's TPU flash attention with segment ids; q, k, v [B, L, H, Dh] -> [B, L, H, Dh]."""
   ids = segment_ids.astype(jnp.int32)
   to_bhld = lambda x: x.transpose(0, 2, 1, 3)
   out = tpu_attention.flash_attention(
@@ -63,17 +72,22 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
                      f"{segment_ids.shape}.")
   backend = jax.default_backend()
   if impl == "auto":
-    impl = "pallas" if backend in ("gpu", "tpu") and _pallas_shapes_ok(q) else "reference"
+    impl = ("pallas" if backend in ("gpu", "tpu") and pallas_shapes_ok(q, backend)
+            else "reference")
   if impl == "reference":
     return reference(q, k, v, segment_ids)
-  if not _pallas_shapes_ok(q):
-    raise ValueError(f"The Pallas attention needs L a multiple of {_BLOCK} (or < {_BLOCK}) and "
-                     f"head dim a multiple of 16; got L={q.shape[1]}, head dim {q.shape[3]}.")
+  if impl == "pallas" and backend not in ("gpu", "tpu"):
+    raise ValueError(f"impl='pallas' needs a GPU or TPU backend; this one is {backend!r} "
+                     "(use 'reference', 'auto' or, for tests, 'interpret').")
+  kernel_backend = "gpu" if impl == "interpret" else backend
+  if not pallas_shapes_ok(q, kernel_backend):
+    raise ValueError(f"The {kernel_backend.upper()} Pallas attention needs head dim a multiple "
+                     f"of 16 and L a multiple of {_BLOCK}"
+                     + (" or one of 16, 32, 64" if kernel_backend == "gpu" else "")
+                     + f"; got L={q.shape[1]}, head dim {q.shape[3]} (impl='auto' falls back "
+                     "to the reference for such shapes).")
   if impl == "interpret":
-    return _pallas_gpu(q, k, v, segment_ids, interpret=True)
+    return gpu_kernel(q, k, v, segment_ids, interpret=True)
   if backend == "tpu":
-    return _pallas_tpu(q, k, v, segment_ids)
-  if backend == "gpu":
-    return _pallas_gpu(q, k, v, segment_ids)
-  raise ValueError(f"impl='pallas' needs a GPU or TPU backend; this one is {backend!r} "
-                   "(use 'reference', 'auto' or, for tests, 'interpret').")
+    return tpu_kernel(q, k, v, segment_ids)
+  return gpu_kernel(q, k, v, segment_ids)
