@@ -58,15 +58,6 @@ def test_model_shapes_depth_override_and_attention_maps():
     deepvit.Model(reattention_norm="batchnorm")
 
 
-@pytest.mark.slow
-def test_deep_config_trains(train_losses):
-  from configs import deepvit as deepvit_config  # pylint: disable=g-import-not-at-top
-  config = deepvit_config.get_config("depth=6,total_steps=120,batch_size=64,lr=2e-3")
-  config.model.update(width=64, mlp_dim=128, num_heads=4, patch_size=(8, 8))
-  losses = train_losses(config, log_every=20)
-  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.03, losses
-
-
 def test_collapse_similarity_is_one_for_equal_layers_and_plot_is_written(tmp_path):
   from big_vision_lite.tools import attention_collapse, plot  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)

@@ -264,12 +264,9 @@ def test_index_buffers_of_older_checkpoints_are_checked():
     import_timm.convert("efficientvit_m0", state)
 
 
-@pytest.mark.slow
-def test_config_trains(train_losses):
+def test_config_validates_the_largest_variant():
   from big_vision_lite import config_lib  # pylint: disable=g-import-not-at-top
   from configs import efficientvit as efficientvit_config  # pylint: disable=g-import-not-at-top
-  config_lib.validate(efficientvit_config.get_config("variant=M5,res=224,num_classes=1000"))
-  config = efficientvit_config.get_config("res=32,total_steps=120,batch_size=32,lr=4e-3")
-  config.model.update(embed_dim=(32, 48), num_heads=(2, 2), depth=(1, 1))  # Two stages.
-  losses = train_losses(config, log_every=5)
-  assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.08, losses
+  config = efficientvit_config.get_config("variant=M5,res=224,num_classes=1000")
+  config_lib.validate(config)
+  assert config.model.to_dict() == dict(variant="M5", num_classes=1000)

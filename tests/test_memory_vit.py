@@ -306,15 +306,6 @@ def test_headless_base_and_foreign_checkpoints_are_checked(tmp_path):
     memory_config.get_config(f"init_from={tmp_path}")
 
 
-def test_config_trains_memory_on_a_fresh_base(train_losses):
-  """The default recipe (memory, class token and head; the fresh base frozen) fits 64
-  training images within 50 steps."""
-  config = tiny_config("memory=4,total_steps=50,batch_size=32,lr=1e-2")
-  config.input.data.split = "train[:64]"
-  losses = train_losses(config, log_every=10)
-  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.15, losses
-
-
 def test_checkpoint_dirs_config_and_concatenation(tmp_path):
   """vit import dir -> memory_vit base dir -> config reading it -> the train loop's
   init_from steps (load + merge) -> concatenation of dirs."""

@@ -183,17 +183,6 @@ def test_unsupported_name_is_named(name):
     import_timm.convert(name, _small_state())
 
 
-@pytest.mark.slow
-def test_config_trains(train_losses):
-  from configs import mobilevit2 as mobilevit2_config  # pylint: disable=g-import-not-at-top
-  config = mobilevit2_config.get_config(
-      "res=32,batch_size=32,total_steps=60,lr=5e-3,train_split=train[:256]")
-  config.model.update(stem_width=8, widths=(8, 16, 24, 32, 32), mv2_depths=(1, 1, 1, 1, 1),
-                      transformer_widths=(16,), transformer_depths=(1,))
-  losses = train_losses(config, log_every=10)
-  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
-
-
 def test_config_variant_is_a_name_or_a_multiplier():
   from big_vision_lite import config_lib  # pylint: disable=g-import-not-at-top
   from configs import mobilevit2 as mobilevit2_config  # pylint: disable=g-import-not-at-top
