@@ -16,9 +16,9 @@ takes the pooled images largest first, each one as long as the row can still end
 `max_images` images), so small images stay in the pool to fill later rows exactly. An
 image that has waited while `max_wait` (4 x buffer_size) newer images arrived leads its
 row, so none waits forever. On the NaViT paper's mix (rows of 256 tokens, 16 px patches,
-images with an equal-area side of 64..256 px and aspect ratios 1:2..2:1) this pads about
-1.1% of the tokens; first-fit decreasing from the oldest image padded 2.0% (2.5% over a
-pool of 32).
+images with an equal-area side of 64..256 px and aspect ratios 1:2..2:1) this pads 0.8%
+of the tokens, where first-fit decreasing from the oldest image padded 1.9% (2.5% over a
+pool of 32); `python -m benchmarks.navit` measures it.
 
 Training also samples each image's resolution (aspect ratio kept: `resolution` is the side
 of the square with the same area) and drops a per-image random fraction of its tokens
