@@ -362,8 +362,8 @@ def make_packed_eval_iterator(data: Mapping[str, Any], pp: str, global_batch_siz
   rows = packing_lib.pack(
       iter(examples.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))),
       seq_len=packing["seq_len"], patch_size=packing["patch_size"],
-      max_images=packing["max_images"], buffer_size=packing.get("buffer_size", 32),
-      shrink_to_fit=True)
+      max_images=packing["max_images"],
+      buffer_size=packing.get("buffer_size", packing_lib.DEFAULT_BUFFER_SIZE), shrink_to_fit=True)
   template = None
   while True:
     batch = [row for _, row in zip(range(local), rows)]
