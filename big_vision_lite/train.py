@@ -211,7 +211,7 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
       new_state["ema_params"] = optax.incremental_update(params, state["ema_params"],
                                                          1.0 - ema_decay)
     metrics = dict(metrics, learning_rate=schedule(state["step"]),
-                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
     return new_state, metrics
 
   return step
