@@ -14,7 +14,13 @@ def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
 
 
 class Task:
-  """Base class: holds the model and applies it; subclasses define `loss` and `predict`."""
+  """Base class: holds the model and applies it; subclasses define `loss` and `predict`.
+
+  `loss_inputs` names the train-state entries (besides params and extra) the loop passes to
+  `loss` as keyword arguments: "step" (the step count before this update) and
+  "ema_params" (the EMA of the params, e.g. a teacher; needs config field 'ema_decay').
+  """
+  loss_inputs: tuple[str, ...] = ()
 
   def __init__(self, config: ml_collections.ConfigDict, model: nn.Module):
     self.config = config
@@ -54,3 +60,12 @@ class Task:
     extra = {k: v for k, v in variables.items() if k != "params"}
     out, aux, _ = self.apply(variables["params"], extra, images, None, False, **kwargs)
     return out, aux
+
+  def features(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
+    """Pooled features [B, D] of batch["image"] (the model's "pre_logits"), float32: what
+    k-NN and linear-probe evaluators read."""
+    _, aux = self.apply_eval(variables, batch["image"])
+    feats = aux["pre_logits"]
+    if feats.ndim == 3:  # A packed model on plain images: one image slot per row.
+      feats = feats[:, 0]
+    return feats.astype(jnp.float32)  # [B, D]
