@@ -10,6 +10,11 @@ and the example's position. Image ops take `key="image"`; images are [H, W, 3] a
 Resizing uses PIL: uint8 images as one RGB image, other dtypes channel by channel in
 float32. Its bilinear/bicubic/area/lanczos filters widen with the downscaling factor, so
 shrinking is antialiased (like `tf.image.resize(..., antialias=True)`); "nearest" is not.
+
+Self-supervised augmentation (on uint8, before value_range): `color_jitter`,
+`random_grayscale`, `gaussian_blur`, `solarize` (torchvision's / the official DINO code's
+definitions, each applied with a probability p), and `multicrop`, which turns one image into
+DINO's "global_crops" [2, g, g, 3] and "local_crops" [N, l, l, 3] float32.
 """
 import ast
 import inspect
@@ -18,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
+from PIL import ImageFilter
 
 from big_vision_lite.registry import Registry
 
@@ -207,6 +213,21 @@ def random_crop(size: int | Sequence[int], key: str = "image") -> OpFn:
   return fn
 
 
+def inception_box(height: int, width: int, area_min: float, area_max: float,
+                  rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """(top, left, h, w) of a random box of area_min..area_max % of a height x width image,
+  aspect (w / h) log-uniform in 3/4..4/3; after 10 misfits, the whole image."""
+  for _ in range(10):
+    area = height * width * rng.uniform(area_min, area_max) / 100
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    h, w = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
+    if 0 < h <= height and 0 < w <= width:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  return 0, 0, height, width  # The fallback of the usual implementations.
+
+
 @OPS.register("inception_crop")
 def inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
                    area_max: float = 100, key: str = "image",
@@ -215,18 +236,7 @@ def inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
   _check_method(method)
   def fn(example, rng):
     image = _check_image(example[key], key)
-    height, width = image.shape[:2]
-    for _ in range(10):
-      area = height * width * rng.uniform(area_min, area_max) / 100
-      aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-      h, w = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
-      if 0 < h <= height and 0 < w <= width:
-        top = int(rng.integers(0, height - h + 1))
-        left = int(rng.integers(0, width - w + 1))
-        break
-    else:  # Fall back to the whole image, as the usual implementations do.
-      top, left, h, w = 0, 0, height, width
-    image = _crop(image, top, left, h, w)
+    image = _crop(image, *inception_box(*image.shape[:2], area_min, area_max, rng))
     if size is not None:
       image = resize_image(image, *_hw(size), method)
     return dict(example, **{key: image})
@@ -296,4 +306,219 @@ def copy(inkey: str, outkey: str) -> OpFn:
   def fn(example, rng):
     del rng
     return dict(example, **{outkey: example[inkey]})
+  return fn
+
+
+def _check_probability(op: str, name: str, p: float) -> float:
+  if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+    raise ValueError(f"pp op {op}: {name} must be a probability in [0, 1]; got {p!r}.")
+  return float(p)
+
+
+def _check_uint8(image: Any, key: str, op: str) -> np.ndarray:
+  image = _check_image(image, key)
+  if image.dtype != np.uint8:
+    raise ValueError(f"pp op {op}: example key {key!r} must be a uint8 image (apply it before "
+                     f"value_range), got dtype {image.dtype}.")
+  return image
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _luma(image: np.ndarray) -> np.ndarray:
+  """ITU-R 601-2 luma of [H, W, 3] -> [H, W] float32."""
+  return image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _blend(image: np.ndarray, other: np.ndarray | float, factor: float) -> np.ndarray:
+  """factor * image + (1 - factor) * other, rounded and clipped to uint8."""
+  return _to_uint8(factor * image.astype(np.float32) + (1 - factor) * other)
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+  """uint8 [H, W, 3] blended with black (torchvision's adjust_brightness)."""
+  return _blend(image, 0.0, factor)
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+  """uint8 [H, W, 3] blended with the mean of its luma (torchvision's adjust_contrast)."""
+  return _blend(image, float(_luma(image).mean()), factor)
+
+
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+  """uint8 [H, W, 3] blended with its luma (torchvision's adjust_saturation)."""
+  return _blend(image, _luma(image)[..., None], factor)
+
+
+def adjust_hue(image: np.ndarray, shift: float) -> np.ndarray:
+  """uint8 [H, W, 3] with the HSV hue shifted by `shift` turns (torchvision's adjust_hue)."""
+  rgb = image.astype(np.float32) / 255
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  value, chroma = rgb.max(-1), rgb.max(-1) - rgb.min(-1)
+  saturation = np.where(value > 0, chroma / np.where(value > 0, value, 1), 0)
+  divisor = np.where(chroma > 0, chroma, 1)
+  hue = np.where(value == r, (g - b) / divisor,
+                 np.where(value == g, 2 + (b - r) / divisor, 4 + (r - g) / divisor))
+  hue = (hue / 6 + shift) % 1.0
+  sector = np.floor(hue * 6)
+  frac = hue * 6 - sector
+  p = value * (1 - saturation)
+  q = value * (1 - saturation * frac)
+  t = value * (1 - saturation * (1 - frac))
+  table = np.stack([value, t, p, q, value, p, p, value, t, p, q, value, t, p, value,
+                    value, p, q], -1).reshape(hue.shape + (6, 3))  # [H, W, sector, rgb]
+  index = (sector.astype(np.int64) % 6)[..., None, None]
+  return _to_uint8(np.take_along_axis(table, index, -2)[..., 0, :] * 255)
+
+
+@OPS.register("color_jitter")
+def color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
+                 hue: float = 0.1, p: float = 0.8, key: str = "image") -> OpFn:
+  """With probability p, torchvision's ColorJitter on uint8: brightness, contrast and
+  saturation factors uniform in [max(0, 1 - x), 1 + x], a hue shift uniform in [-hue, hue],
+  the four applied in a random order (a strength of 0 skips its adjustment).
+
+  Draws: one uniform for p; if applied, a permutation of 4, then the 4 factors in the order
+  brightness, contrast, saturation, hue.
+  """
+  for name, strength in (("brightness", brightness), ("contrast", contrast),
+                         ("saturation", saturation)):
+    if not isinstance(strength, (int, float)) or strength < 0:
+      raise ValueError(f"pp op color_jitter: {name} must be a number >= 0; got {strength!r}.")
+  if not isinstance(hue, (int, float)) or not 0 <= hue <= 0.5:
+    raise ValueError(f"pp op color_jitter: hue must be a number in [0, 0.5]; got {hue!r}.")
+  p = _check_probability("color_jitter", "p", p)
+  adjustments = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+  strengths = (brightness, contrast, saturation, hue)
+  ranges = [(max(0.0, 1 - x), 1 + x) for x in strengths[:3]] + [(-hue, hue)]
+
+  def fn(example, rng):
+    image = _check_uint8(example[key], key, "color_jitter")
+    if rng.random() >= p:
+      return example
+    order = rng.permutation(4)
+    factors = [rng.uniform(low, high) for low, high in ranges]
+    for i in order:
+      if strengths[i] > 0:
+        image = adjustments[i](image, factors[i])
+    return dict(example, **{key: image})
+  return fn
+
+
+@OPS.register("random_grayscale")
+def random_grayscale(p: float = 0.2, key: str = "image") -> OpFn:
+  """With probability p, uint8 RGB -> its rounded ITU-R 601-2 luma in all 3 channels."""
+  p = _check_probability("random_grayscale", "p", p)
+  def fn(example, rng):
+    image = _check_uint8(example[key], key, "random_grayscale")
+    if rng.random() >= p:
+      return example
+    return dict(example, **{key: np.repeat(_to_uint8(_luma(image))[..., None], 3, -1)})
+  return fn
+
+
+@OPS.register("gaussian_blur")
+def gaussian_blur(p: float, sigma_min: float = 0.1, sigma_max: float = 2.0,
+                  key: str = "image") -> OpFn:
+  """With probability p, PIL's GaussianBlur(radius=sigma), sigma uniform in
+  [sigma_min, sigma_max] (the official DINO code's blur), on uint8."""
+  p = _check_probability("gaussian_blur", "p", p)
+  if not (isinstance(sigma_min, (int, float)) and isinstance(sigma_max, (int, float))
+          and 0 <= sigma_min <= sigma_max):
+    raise ValueError("pp op gaussian_blur: sigma_min and sigma_max must be numbers with "
+                     f"0 <= sigma_min <= sigma_max; got {sigma_min!r}, {sigma_max!r}.")
+  def fn(example, rng):
+    image = _check_uint8(example[key], key, "gaussian_blur")
+    if rng.random() >= p:
+      return example
+    blur = ImageFilter.GaussianBlur(radius=rng.uniform(sigma_min, sigma_max))
+    return dict(example, **{key: np.asarray(Image.fromarray(image).filter(blur))})
+  return fn
+
+
+@OPS.register("solarize")
+def solarize(p: float, threshold: int = 128, key: str = "image") -> OpFn:
+  """With probability p, uint8 pixels >= threshold become 255 - pixel (PIL's solarize)."""
+  p = _check_probability("solarize", "p", p)
+  if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 256:
+    raise ValueError(f"pp op solarize: threshold must be a number in [0, 256]; "
+                     f"got {threshold!r}.")
+  def fn(example, rng):
+    image = _check_uint8(example[key], key, "solarize")
+    if rng.random() >= p:
+      return example
+    return dict(example, **{key: np.where(image >= threshold, 255 - image, image)})
+  return fn
+
+
+def _check_size(name: str, size: Any) -> int:
+  if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+    raise ValueError(f"pp op multicrop: {name} must be an int > 0; got {size!r}.")
+  return size
+
+
+def _check_scale(name: str, scale: Any) -> tuple[float, float]:
+  if not (isinstance(scale, (tuple, list)) and len(scale) == 2
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale)
+          and 0 < scale[0] <= scale[1] <= 1):
+    raise ValueError(f"pp op multicrop: {name} must be (min, max) area fractions with "
+                     f"0 < min <= max <= 1; got {scale!r}.")
+  return float(scale[0]), float(scale[1])
+
+
+@OPS.register("multicrop")
+def multicrop(global_size: int, local_size: int, num_local: int,
+              global_scale: Sequence[float] = (0.4, 1.0),
+              local_scale: Sequence[float] = (0.05, 0.4),
+              blur_sigma: Sequence[float] = (0.1, 2.0), vmin: float = -1, vmax: float = 1,
+              key: str = "image", method: str = "bicubic") -> OpFn:
+  """DINO's multi-crop: uint8 example[key] -> "global_crops" [2, g, g, 3] and
+  "local_crops" [num_local, l, l, 3], float32 in [vmin, vmax]; removes example[key].
+
+  Each crop, drawn in turn from the one `rng` (global 1, global 2, then the local ones), is
+  `inception_crop(size, 100 * scale[0], 100 * scale[1], method)|flip_lr|color_jitter|
+  random_grayscale|gaussian_blur(b, *blur_sigma)`, then for global 2 `solarize(0.2)`, then
+  `value_range(vmin, vmax)`; blur b = 1.0 (global 1), 0.1 (global 2), 0.5 (local).
+  Scales are area fractions of the image; blur sigmas are in pixels.
+  """
+  global_size = _check_size("global_size", global_size)
+  local_size = _check_size("local_size", local_size)
+  if not isinstance(num_local, int) or isinstance(num_local, bool) or num_local < 0:
+    raise ValueError(f"pp op multicrop: num_local must be an int >= 0; got {num_local!r}.")
+  global_scale = _check_scale("global_scale", global_scale)
+  local_scale = _check_scale("local_scale", local_scale)
+  if not (isinstance(blur_sigma, (tuple, list)) and len(blur_sigma) == 2
+          and all(isinstance(x, (int, float)) for x in blur_sigma)
+          and 0 <= blur_sigma[0] <= blur_sigma[1]):
+    raise ValueError("pp op multicrop: blur_sigma must be (min, max) in pixels with "
+                     f"0 <= min <= max; got {blur_sigma!r}.")
+  _check_method(method)
+
+  def pipeline(size, scale, blur_p, solarize_p=0.0):
+    ops = [inception_crop(size, 100 * scale[0], 100 * scale[1], key, method), flip_lr(key),
+           color_jitter(key=key), random_grayscale(key=key),
+           gaussian_blur(blur_p, *blur_sigma, key=key)]
+    if solarize_p:
+      ops.append(solarize(solarize_p, key=key))
+    return ops + [value_range(vmin, vmax, key=key)]
+
+  global_pipelines = (pipeline(global_size, global_scale, 1.0),
+                      pipeline(global_size, global_scale, 0.1, 0.2))
+  local_pipeline = pipeline(local_size, local_scale, 0.5)
+
+  def fn(example, rng):
+    image = _check_uint8(example[key], key, "multicrop")
+    def augmented_crop(ops):
+      view = {key: image}
+      for op in ops:
+        view = op(view, rng)
+      return view[key]
+    global_crops = np.stack([augmented_crop(ops) for ops in global_pipelines])  # [2, g, g, 3]
+    local_crops = np.zeros((num_local, local_size, local_size, 3), np.float32)
+    for i in range(num_local):
+      local_crops[i] = augmented_crop(local_pipeline)
+    out = {k: v for k, v in example.items() if k != key}
+    return dict(out, global_crops=global_crops, local_crops=local_crops)
   return fn
