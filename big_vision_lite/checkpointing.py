@@ -247,15 +247,20 @@ def check_init_from(path: str) -> None:
         "run's workdir with a complete step under checkpoints/<step>/.")
 
 
-def load_variables(path: str) -> dict[str, Any]:
+def load_variables(path: str, use_ema: bool = False) -> dict[str, Any]:
   """Reads the model variables of `path` as numpy: `{"params": ..., <collection>: ...}`.
 
   `path` is an import dir (`params/`, holding every collection, e.g. `batch_stats`) or a
   run dir, whose newest step gives `params` and the `extra` collections of its train state.
+  `use_ema` takes the run's EMA params ("ema_params", kept when config field 'ema_decay' is
+  set; e.g. DINO's teacher) as "params"; a ValueError says when `path` has none.
   """
   path = os.path.abspath(path)
   as_numpy = lambda tree: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   if os.path.isdir(os.path.join(path, "params")):
+    if use_ema:
+      raise ValueError(f"{path} is an import, which holds one set of params and no EMA "
+                       "params ('ema_params'); evaluate it with use_ema=False.")
     checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(os.path.join(path, "params"))
     tree = getattr(meta, "item_metadata", meta)
@@ -273,10 +278,15 @@ def load_variables(path: str) -> dict[str, Any]:
     raise ValueError(f"Config field 'init_from': {directory} has no complete checkpoint.")
   meta = manager.item_metadata(step)["state"]
   saved = getattr(meta, "tree", meta)
-  sub = {"params": saved["params"], "extra": saved.get("extra") or {}}
+  key = "ema_params" if use_ema else "params"
+  if key not in saved:
+    raise ValueError(f"The run in {path} has no EMA params ('ema_params' is not in its train "
+                     f"state at step {step}: its config sets no 'ema_decay'); evaluate its "
+                     "params with use_ema=False.")
+  sub = {key: saved[key], "extra": saved.get("extra") or {}}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=sub, restore_args=as_numpy(sub), partial_restore=True)))
-  return {"params": restored.state["params"], **(restored.state.get("extra") or {})}
+  return {"params": restored.state[key], **(restored.state.get("extra") or {})}
 
 
 def load_params(path: str) -> dict[str, Any]:

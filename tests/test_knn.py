@@ -173,3 +173,71 @@ def test_evaluator_matches_numpy_on_1_and_8_devices(monkeypatch, kind, k, temper
 def test_config_errors_name_the_field(fields, error):
   with pytest.raises(ValueError, match=error):
     knn.KnnEvaluator(FeatureTask(), sharding.make_mesh([("data", 1)]), eval_config(**fields))
+
+
+def probe_split(seed: int, separable: bool, num_train: int = 120, num_test: int = 200):
+  """Features [N, 8] with labels: around 5 well separated class centres (at an offset and
+  scale far from standardised), or Gaussian with labels drawn independently."""
+  rng = np.random.default_rng(seed)
+  train_labels = rng.integers(0, NUM_CLASSES, num_train)
+  test_labels = rng.integers(0, NUM_CLASSES, num_test)
+  if not separable:
+    return (rng.normal(size=(num_train, 8)).astype(np.float32), train_labels,
+            rng.normal(size=(num_test, 8)).astype(np.float32), test_labels)
+  centres = 3.0 * rng.normal(size=(NUM_CLASSES, 8))
+  make = lambda labels: (50.0 + 20.0 * (centres[labels] + 0.3 * rng.normal(
+      size=(len(labels), 8)))).astype(np.float32)
+  return make(train_labels), train_labels, make(test_labels), test_labels
+
+
+def test_linear_probe_separates_separable_classes_on_1_and_8_devices(monkeypatch):
+  use_sources(monkeypatch, *probe_split(0, separable=True))
+  results = [linear_probe.LinearProbeEvaluator(
+      FeatureTask(), sharding.make_mesh([("data", devices)]), eval_config(steps=100, lr=0.05),
+      seed=3).run(VARIABLES) for devices in (1, 8)]
+  assert results[0]["top1"] == results[0]["train_top1"] == results[0]["top5"] == 1.0
+  assert results[0]["train_loss"] < 0.05
+  assert results[1] == pytest.approx(results[0], rel=1e-4)
+
+
+def test_linear_probe_of_random_labels_is_near_chance_on_held_out(monkeypatch):
+  use_sources(monkeypatch, *probe_split(1, separable=False, num_train=32))
+  results = linear_probe.LinearProbeEvaluator(
+      FeatureTask(), sharding.make_mesh([("data", 8)]), eval_config(steps=200, lr=0.05)
+  ).run(VARIABLES)
+  # Chance 0.2 (200 test examples: sd 0.028); its 32 train examples it partly memorises.
+  assert abs(results["top1"] - 0.2) < 0.1
+  assert results["train_top1"] > 0.45
+
+
+def test_linear_probe_ignores_the_offset_and_scale_of_features(monkeypatch):
+  """Standardised with the train features' statistics: x and 1000 x - 300 train the same
+  probe (the same seed), up to float rounding."""
+  train, train_labels, test, test_labels = probe_split(2, separable=False, num_train=60)
+  results = []
+  for scale, offset in ((1.0, 0.0), (1000.0, -300.0)):
+    use_sources(monkeypatch, scale * train + offset, train_labels, scale * test + offset,
+                test_labels)
+    results.append(linear_probe.LinearProbeEvaluator(
+        FeatureTask(), sharding.make_mesh([("data", 8)]), eval_config(steps=50, lr=0.05)
+    ).run(VARIABLES))
+  assert results[1] == pytest.approx(results[0], rel=1e-3, abs=1e-6)
+
+
+def test_probe_statistics_and_loss_skip_pad_rows_as_numpy():
+  rng = np.random.default_rng(4)
+  features = rng.normal(size=(3, 8, 6)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, (3, 8))
+  labels[2, 5:] = -1  # Pad rows, whose features must not count.
+  features[2, 5:] = 1e6
+  real = labels >= 0
+  mean, std = linear_probe.standardize_stats(jnp.asarray(features), jnp.asarray(labels))
+  np.testing.assert_allclose(mean, features[real].mean(0), rtol=1e-5)
+  np.testing.assert_allclose(std, features[real].std(0), rtol=1e-4)
+  params = {"kernel": rng.normal(size=(6, NUM_CLASSES)).astype(np.float32),
+            "bias": rng.normal(size=NUM_CLASSES).astype(np.float32)}
+  logits = features[real].astype(np.float64) @ params["kernel"] + params["bias"]
+  log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -log_softmax[np.arange(len(logits)), labels[real]].mean()
+  np.testing.assert_allclose(linear_probe.mean_xent(params, jnp.asarray(features),
+                                                    jnp.asarray(labels)), want, rtol=1e-5)
