@@ -65,6 +65,7 @@ def test_gaussian_blur_is_pils_with_a_uniform_sigma():
 @pytest.mark.parametrize("factor", [0.0, 0.6, 1.4, 2.0])
 def test_brightness_contrast_saturation_match_pil(factor):
   image = random_image()
+  image[..., 2] = image[..., 2] // 4 + 192  # A blue cast: luma and channel means differ.
   pil = Image.fromarray(image)
   references = {pp.adjust_brightness: ImageEnhance.Brightness,
                 pp.adjust_contrast: ImageEnhance.Contrast,
@@ -73,7 +74,7 @@ def test_brightness_contrast_saturation_match_pil(factor):
     out = adjust(image, factor)
     want = np.asarray(enhancer(pil).enhance(factor)).astype(int)
     assert out.dtype == np.uint8
-    assert np.abs(out.astype(int) - want).max() <= 1, adjust.__name__
+    assert np.abs(out.astype(int) - want).max() <= 1, (adjust.__name__, factor)
   closed_form = np.clip(np.rint(image * factor), 0, 255)  # Brightness: blend with black.
   np.testing.assert_array_equal(pp.adjust_brightness(image, factor), closed_form)
 
@@ -95,6 +96,7 @@ def test_adjustments_match_torchvision():
   torch = pytest.importorskip("torch")
   functional = pytest.importorskip("torchvision.transforms.functional")
   image = random_image(20, 30)
+  image[..., 2] = image[..., 2] // 4 + 192  # A blue cast: luma and channel means differ.
   tensor = torch.from_numpy(image).permute(2, 0, 1)  # [3, H, W] uint8
   cases = [("brightness", f) for f in (0.0, 0.6, 1.4)] + [
       ("contrast", f) for f in (0.0, 0.6, 1.4)] + [
@@ -184,6 +186,8 @@ def test_inception_box_areas_are_uniform_fractions_with_bounded_aspect(area_min,
     assert abs(np.mean(fraction < (low + high) / 2) - 0.5) < 4 * 0.5 / np.sqrt(2000)
   assert fraction.min() < low + 0.05 * (high - low) and fraction.max() > high - 0.05 * (
       high - low)
+  # No box of that area fits a 1-pixel-high strip: the whole strip is the fallback.
+  assert pp.inception_box(1, 100, area_min, area_max, rng) == (0, 0, 1, 100)
 
 
 def test_multicrop_shapes_dtypes_and_ranges():
@@ -239,8 +243,9 @@ def test_multicrop_box_areas_are_within_the_scales(monkeypatch):
                                                             area_bounds.shape))
     fractions = np.array([f for _, _, f in calls_of_kind])
     assert np.all(fractions >= 0.9 * low) and np.all(fractions <= 1.1 * high), kind
+    # Spread over the range (boxes near the whole image fit only at the image's aspect).
     assert fractions.min() < low + 0.1 * (high - low), kind
-    assert fractions.max() > high - 0.1 * (high - low), kind
+    assert fractions.max() > high - 0.25 * (high - low), kind
 
 
 def test_multicrop_repeats_per_seed_and_differs_across_seeds():
