@@ -14,7 +14,7 @@ from big_vision_lite.evaluators import knn
 from big_vision_lite.evaluators import linear_probe
 from big_vision_lite.input import data as data_lib
 
-NUM_CLASSES = 5
+NUM_CLASSES = 8
 BATCH_SIZE = 8
 
 
@@ -38,7 +38,7 @@ def quantized_features(rng: np.random.Generator, count: int, dim: int = 8) -> np
 
 
 def fixed_split(seed: int, kind: str, num_train: int = 37, num_test: int = 21):
-  """(train features, train labels, test features, test labels). Class 4 has 3 bank
+  """(train features, train labels, test features, test labels). The last class has 3 bank
   examples, fewer than k; the bank holds exact duplicates with other labels."""
   rng = np.random.default_rng(seed)
   if kind == "quantized":
@@ -204,8 +204,8 @@ def test_linear_probe_of_random_labels_is_near_chance_on_held_out(monkeypatch):
   results = linear_probe.LinearProbeEvaluator(
       FeatureTask(), sharding.make_mesh([("data", 8)]), eval_config(steps=200, lr=0.05)
   ).run(VARIABLES)
-  # Chance 0.2 (200 test examples: sd 0.028); its 32 train examples it partly memorises.
-  assert abs(results["top1"] - 0.2) < 0.1
+  # Chance 0.125 (200 test examples: sd 0.023); its 32 train examples it partly memorises.
+  assert abs(results["top1"] - 0.125) < 0.08
   assert results["train_top1"] > 0.45
 
 
