@@ -97,6 +97,9 @@ def _check_data(data: Any, field: str) -> None:
     raise ValueError(f"Config field '{field}.split' must be a str such as 'train'.")
 
 
+LOSS_INPUTS = ("step", "ema_params")  # Train-state entries a task's loss may read.
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the field for anything wrong in `config`, before compute."""
   _check_type(config, "model_name", (str,), required=True)
@@ -117,8 +120,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 positive=field != "seed")
   for field in ("ckpt_steps", "keep_ckpt", "grad_accum_steps"):
     _check_type(config, field, (int,), positive=True)
-  for field in ("lr", "wd", "grad_clip_norm", "ema_decay"):
+  for field in ("lr", "wd", "grad_clip_norm", "ema_decay", "ema_decay_end"):
     _check_type(config, field, (int, float))
+  for field in ("ema_decay", "ema_decay_end"):
+    if config.get(field) is not None and not 0.0 <= config.get(field) <= 1.0:
+      raise ValueError(f"Config field {field!r} must be in [0, 1], got {config.get(field)!r}.")
+  if config.get("ema_decay_end") is not None and not config.get("ema_decay"):
+    raise ValueError("Config field 'ema_decay_end' needs 'ema_decay' (the decay at step 0).")
+  task_class = tasks.REGISTRY.get(config.task, field="task")
+  unknown_inputs = set(task_class.loss_inputs) - set(LOSS_INPUTS)
+  if unknown_inputs:
+    raise ValueError(f"Task {config.task!r} asks for loss inputs {sorted(unknown_inputs)}; the "
+                     f"train loop provides {', '.join(LOSS_INPUTS)}.")
+  if "ema_params" in task_class.loss_inputs and not config.get("ema_decay"):
+    raise ValueError(f"Task {config.task!r} reads the EMA of the params: set config field "
+                     "'ema_decay' (e.g. 0.996, and 'ema_decay_end' for a cosine schedule).")
   for field in ("init_from", "compute_dtype"):
     _check_type(config, field, (str,))
   if config.get("init_from"):

@@ -4,11 +4,16 @@ Config fields: `optax_name` ("adamw" | "sgd" | "lion" | "adafactor"), `optax` (k
 that optax function), `lr`, `wd` (decoupled for every optimiser: a step subtracts
 lr(step) * wd * param from each leaf matching `wd_mask`, default `.*kernel$`), `schedule`
 (`decay_type`, `warmup_steps` or `warmup_percent`, `end_lr_ratio`, `timescale` of rsqrt),
-`grad_clip_norm`, `frozen_params` (regexes of parameters that are not updated).
+`grad_clip_norm`, `frozen_params` (regexes of parameters that are not updated),
+`frozen_for_steps` (pairs (regex, n): matching parameters stay untouched for the first n
+steps, then start their own optimiser state as if new, on the run's schedules; DINO's
+last layer) and `wd_end` (the weight decay follows a cosine from `wd` at step 0 to
+`wd_end` at `total_steps`, `cosine_between`).
 """
 import re
 from typing import Any, Callable
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -39,11 +44,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or value < 0):
       raise ValueError(f"Config field 'schedule.{key}' must be a number >= 0, got {value!r}.")
-  for pattern in list(config.get("frozen_params") or ()) + list(config.get("wd_mask") or ()):
+  for entry in config.get("frozen_for_steps") or ():
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
+        or isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 0):
+      raise ValueError(f"Config field 'frozen_for_steps' takes pairs (regex, steps >= 0), got "
+                       f"{entry!r}.")
+  wd_end = config.get("wd_end")
+  if wd_end is not None and (isinstance(wd_end, bool) or not isinstance(wd_end, (int, float))
+                             or wd_end < 0):
+    raise ValueError(f"Config field 'wd_end' must be a number >= 0 (or unset), got {wd_end!r}.")
+  patterns = [e[0] for e in config.get("frozen_for_steps") or ()]
+  for pattern in (list(config.get("frozen_params") or ()) + list(config.get("wd_mask") or ())
+                  + patterns):
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"Invalid regex {pattern!r} in 'frozen_params'/'wd_mask': {e}") from None
+      raise ValueError(f"Invalid regex {pattern!r} in 'frozen_params'/'wd_mask'/"
+                       f"'frozen_for_steps': {e}") from None
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -79,27 +96,66 @@ def _path_mask(params: Any, patterns: tuple[str, ...] | list[str]) -> Any:
       lambda name, _: any(r.fullmatch(name) for r in regexes), params)
 
 
+def cosine_between(start: float, end: float, steps: int) -> optax.Schedule:
+  """end + (start - end) * (1 + cos(pi * step / steps)) / 2 for step < steps, then end."""
+  def schedule(step):
+    progress = jnp.minimum(step, steps) / max(steps, 1)
+    return end + (start - end) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+  return schedule
+
+
+def make_wd_schedule(config: ml_collections.ConfigDict) -> float | optax.Schedule:
+  """`wd`, or with `wd_end` the cosine from `wd` to `wd_end` over `total_steps`."""
+  wd = config.get("wd", 0.0)
+  if config.get("wd_end") is None:
+    return wd
+  return cosine_between(wd, config.wd_end, config.total_steps)
+
+
+def _shifted(schedule: float | optax.Schedule, offset: int) -> float | optax.Schedule:
+  """The schedule seen by an optimiser whose step count starts `offset` steps into the run."""
+  if not callable(schedule) or not offset:
+    return schedule
+  return lambda count: schedule(count + offset)
+
+
+def _base_optimizer(config: ml_collections.ConfigDict, params: Any, schedule: optax.Schedule,
+                    offset: int = 0) -> optax.GradientTransformation:
+  """The config's optimiser with decoupled weight decay, its counts starting at `offset`."""
+  lr, wd = _shifted(schedule, offset), _shifted(make_wd_schedule(config), offset)
+  kwargs = dict(config.get("optax") or {})
+  name = config.get("optax_name", "adamw")
+  wd_mask = _path_mask(params, tuple(config.get("wd_mask") or DEFAULT_WD_MASK))
+  if name in ("adamw", "lion"):
+    kwargs.update(weight_decay=wd, mask=wd_mask)
+  tx = OPTIMIZERS[name](learning_rate=lr, **kwargs)
+  if name in ("sgd", "adafactor") and (callable(wd) or wd):
+    # Decoupled as in adamw and lion: -lr(step) * wd * param joins the optimiser's update
+    # (added to the gradient, it would pass through momentum and Adafactor's scaling).
+    wd_fn = wd if callable(wd) else (lambda count: wd)
+    lr_fn = lr if callable(lr) else (lambda count: lr)
+    tx = optax.chain(tx, optax.add_decayed_weights(
+        lambda count: -wd_fn(count) * lr_fn(count), mask=wd_mask))
+  return tx
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optimizer, schedule) for `params` (a pytree or its abstract shapes)."""
   schedule = make_schedule(config)
-  kwargs = dict(config.get("optax") or {})
-  name = config.get("optax_name", "adamw")
-  wd = config.get("wd", 0.0)
-  wd_mask = _path_mask(params, tuple(config.get("wd_mask") or DEFAULT_WD_MASK))
-  if name == "adamw":
-    kwargs.update(weight_decay=wd, mask=wd_mask)
-  elif name == "lion":
-    kwargs.update(weight_decay=wd, mask=wd_mask)
-  chain = []
+  frozen_for = [(p, int(n)) for p, n in config.get("frozen_for_steps") or ()]
+  if frozen_for:
+    def group(name: str, _: Any) -> str:
+      return next((f"after_{n}" for p, n in frozen_for if re.fullmatch(p, name)), "train")
+    groups = {f"after_{n}": optax.transforms.conditionally_mask(
+        _base_optimizer(config, params, schedule, offset=n),
+        lambda count, n=n: count >= n) for _, n in frozen_for}
+    groups["train"] = _base_optimizer(config, params, schedule)
+    tx = optax.multi_transform(groups, utils.tree_map_with_names(group, params))
+  else:
+    tx = _base_optimizer(config, params, schedule)
   if config.get("grad_clip_norm"):
-    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  chain.append(OPTIMIZERS[name](learning_rate=schedule, **kwargs))
-  if wd and name in ("sgd", "adafactor"):
-    # Decoupled as in adamw and lion: -lr(step) * wd * param joins the optimiser's update
-    # (added to the gradient, it would pass through momentum and Adafactor's scaling).
-    chain.append(optax.add_decayed_weights(lambda count: -wd * schedule(count), mask=wd_mask))
-  tx = optax.chain(*chain)
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   frozen = config.get("frozen_params")
   if frozen:
     labels = utils.tree_map_with_names(

@@ -167,15 +167,30 @@ def _check_same_architecture(config: ml_collections.ConfigDict, workdir: str) ->
                      f"for model_name={config.model_name!r}. Use another --workdir.")
 
 
+def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule | None:
+  """The EMA decay per step: `ema_decay`, or a cosine from it to `ema_decay_end` over
+  `total_steps` (`optimizer.cosine_between`, DINO's teacher momentum); None without EMA."""
+  decay = config.get("ema_decay")
+  if not decay:
+    return None
+  if config.get("ema_decay_end") is None:
+    return lambda step: jnp.asarray(decay, jnp.float32)
+  return optimizer_lib.cosine_between(decay, config.ema_decay_end, config.total_steps)
+
+
 def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     config: ml_collections.ConfigDict) -> Callable[..., Any]:
-  """Returns step(state, batch) -> (state, metrics), with gradient accumulation and EMA."""
+  """Returns step(state, batch) -> (state, metrics), with gradient accumulation and EMA.
+
+  The task's loss also gets the state entries named by `task.loss_inputs` ("step": the
+  count before this update; "ema_params") as keyword arguments.
+  """
   accum = config.get("grad_accum_steps") or 1
-  ema_decay = config.get("ema_decay")
+  ema_decay = ema_decay_schedule(config)
   nan_step = (config.get("debug") or {}).get("inject_nan_step")
 
-  def grads_and_metrics(params, extra, batch, rng):
-    grad_fn = jax.grad(task.loss, has_aux=True)
+  def grads_and_metrics(params, extra, batch, rng, loss_inputs):
+    grad_fn = jax.grad(lambda *args: task.loss(*args, **loss_inputs), has_aux=True)
     if accum == 1:
       grads, (metrics, extra) = grad_fn(params, extra, batch, rng)
       return grads, metrics, extra
@@ -198,7 +213,9 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
 
   def step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grads, metrics, extra = grads_and_metrics(state["params"], state["extra"], batch, rng)
+    loss_inputs = {name: state[name] for name in task.loss_inputs}
+    grads, metrics, extra = grads_and_metrics(state["params"], state["extra"], batch, rng,
+                                              loss_inputs)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if nan_step:  # Debug: step `nan_step` ends with a NaN loss and NaN params.
@@ -208,8 +225,13 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, schedule: optax
     new_state = dict(state, params=params, opt_state=opt_state, extra=extra,
                      step=state["step"] + 1)
     if ema_decay:
+      decay = ema_decay(state["step"])
       new_state["ema_params"] = optax.incremental_update(params, state["ema_params"],
-                                                         1.0 - ema_decay)
+                                                         1.0 - decay)
+      metrics = dict(metrics, ema_decay=decay)
+    weight_decay = optimizer_lib.make_wd_schedule(config)
+    if callable(weight_decay):
+      metrics = dict(metrics, weight_decay=weight_decay(state["step"]))
     metrics = dict(metrics, learning_rate=schedule(state["step"]),
                    grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
     return new_state, metrics

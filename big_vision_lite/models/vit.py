@@ -87,7 +87,8 @@ def embed_patches(module: nn.Module, images: jax.Array, width: int, patch: tuple
                   posemb: str, class_token: bool, dtype_mm: str = "float32"
                   ) -> tuple[jax.Array, jax.Array]:
   """Patch embedding, position embedding and optional class token, as params of `module`
-  (`embedding`, `pos_embedding`, `cls`); call from its compact method.
+  (`embedding`, `pos_embedding`, `cls`); call from its compact method. Images of another
+  grid than the learned table's get the table resampled (bicubic) to their grid.
 
   images [B, H, W, 3] -> (tokens [B, (1+)N, D], patch grid [B, h, w, D]).
   """
@@ -95,7 +96,14 @@ def embed_patches(module: nn.Module, images: jax.Array, width: int, patch: tuple
                  name="embedding")(images.astype(dtype_mm))  # [B, h, w, D]
   b, h, w, _ = grid.shape
   x = grid.reshape(b, h * w, width)  # [B, N, D]
-  if posemb == "learn":
+  if posemb == "learn" and module.has_variable("params", "pos_embedding") and (
+      module.get_variable("params", "pos_embedding").shape[1] != h * w):
+    # Another grid than the one initialised (e.g. DINO's local crops): bicubic resampling of
+    # the square table, as the official DINO code and timm's dynamic image size do.
+    stored = module.get_variable("params", "pos_embedding")  # [1, n, D]
+    side = _square_side(stored.shape[1], "The model's pos_embedding")
+    table = resample_posemb(stored, (h, w), method="bicubic", old_hw=(side, side))
+  elif posemb == "learn":
     table = module.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
                          (1, h * w, width), jnp.float32)
   else:

@@ -1,0 +1,209 @@
+"""DINO (Caron et al. 2021): self-distillation with no labels, on multi-crop batches.
+
+Batch (pp op `multicrop`): `global_crops` [B, 2, g, g, 3] and `local_crops` [B, N, l, l, 3]
+(N may be 0). The student (`params`) sees every crop; the teacher is the EMA of the
+student (the train state's `ema_params`: config fields `ema_decay` 0.996 and
+`ema_decay_end` 1.0 give the paper's cosine momentum) and sees the global crops only,
+without gradient. `dino_loss`: for every (teacher global crop i, student crop v != i),
+the cross-entropy between softmax((teacher - center) / t_teacher) and
+softmax(student / t_student), averaged over pairs and over the batch. The center is an
+EMA (`center_momentum`) of the teacher's mean output over the global batch (all devices
+and processes), kept in the extra collection "dino" and so in the checkpoint.
+
+Config `dino` fields: `student_temp` (0.1), `teacher_temp` (0.07), `warmup_teacher_temp`
+(0.04) and `warmup_teacher_temp_steps` (linear warm-up from step 0, `teacher_temperature`),
+`center_momentum` (0.9), `packed` (False; True with a NaViT backbone runs ONE student
+forward over sequences that pack each image's global and local crops, each crop a segment
+at its own resolution, instead of one forward per crop resolution; same loss).
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from big_vision_lite.models import navit
+from big_vision_lite.tasks import REGISTRY
+from big_vision_lite.tasks.base import Task
+
+DEFAULTS = dict(student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                warmup_teacher_temp_steps=0, center_momentum=0.9, packed=False)
+CENTER = "dino"  # The extra collection holding {"center": [K]}.
+
+
+def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's `dino` fields with their defaults, checked."""
+  fields = dict(config.get("dino") or {})
+  unknown = set(fields) - set(DEFAULTS)
+  if unknown:
+    raise ValueError(f"Config field 'dino' takes {', '.join(DEFAULTS)}; got unknown "
+                     f"{sorted(unknown)}.")
+  opts = dict(DEFAULTS, **fields)
+  for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+    if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)) or (
+        opts[name] <= 0):
+      raise ValueError(f"Config field 'dino.{name}' must be a number > 0, got {opts[name]!r}.")
+  steps = opts["warmup_teacher_temp_steps"]
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    raise ValueError(f"Config field 'dino.warmup_teacher_temp_steps' must be an int >= 0, got "
+                     f"{steps!r}.")
+  momentum = opts["center_momentum"]
+  if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
+      0 <= momentum <= 1):
+    raise ValueError(f"Config field 'dino.center_momentum' must be in [0, 1], got {momentum!r}.")
+  if not isinstance(opts["packed"], bool):
+    raise ValueError(f"Config field 'dino.packed' must be true or false, got {opts['packed']!r}.")
+  return opts
+
+
+def teacher_temperature(step: jax.Array, warmup: float, final: float,
+                        warmup_steps: int) -> jax.Array:
+  """warmup + (final - warmup) * step / warmup_steps for step < warmup_steps, then final."""
+  if not warmup_steps:
+    return jnp.asarray(final, jnp.float32)
+  progress = jnp.minimum(step, warmup_steps) / warmup_steps
+  return warmup + (final - warmup) * progress
+
+
+def dino_loss(student: jax.Array, teacher: jax.Array, center: jax.Array,
+              student_temp: float, teacher_temp: jax.Array | float) -> jax.Array:
+  """student [B, V, K] (V crops, the first T of them the teacher's), teacher [B, T, K],
+  center [K] -> the mean over batch and (teacher crop i, student crop v != i) pairs of
+  H(softmax((teacher_i - center) / teacher_temp), softmax(student_v / student_temp))."""
+  num_teacher, num_student = teacher.shape[1], student.shape[1]
+  targets = jax.nn.softmax((teacher - center) / teacher_temp, axis=-1)  # [B, T, K]
+  log_probs = jax.nn.log_softmax(student / student_temp, axis=-1)  # [B, V, K]
+  cross = -jnp.einsum("btk,bvk->btv", targets, log_probs)  # [B, T, V]
+  other_view = jnp.arange(num_teacher)[:, None] != jnp.arange(num_student)[None, :]  # [T, V]
+  pairs = other_view.sum()
+  return (cross * other_view).sum((1, 2)).mean() / pairs
+
+
+def packed_crops(global_crops: jax.Array, local_crops: jax.Array, patch: int
+                 ) -> dict[str, jax.Array]:
+  """Each image's crops as one packed NaViT sequence: crop c is segment c + 1.
+
+  global_crops [B, T, g, g, 3], local_crops [B, N, l, l, 3] -> patches [B, L, p·p·3],
+  segment_ids [B, L], positions [B, L, 2], image_sizes [B, T + N, 2] with L = T·(g/p)² +
+  N·(l/p)²: no padding, every row holds exactly one image's crops.
+  """
+  parts = []
+  first_segment = 1
+  for crops in (global_crops, local_crops):
+    b, num = crops.shape[:2]
+    if not num:
+      continue
+    inputs = navit.image_inputs(crops.reshape(b * num, *crops.shape[2:]), patch)
+    tokens = inputs["patches"].shape[1]
+    segment = first_segment + jnp.repeat(jnp.arange(num, dtype=jnp.int32), tokens)  # [num·n]
+    parts.append({
+        "patches": inputs["patches"].reshape(b, num * tokens, -1),
+        "segment_ids": jnp.broadcast_to(segment, (b, num * tokens)),
+        "positions": inputs["positions"].reshape(b, num * tokens, 2),
+        "image_sizes": inputs["image_sizes"].reshape(b, num, 2)})
+    first_segment += num
+  return {k: jnp.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
+
+
+@REGISTRY.register("dino")
+class DINO(Task):
+  """Student = params, teacher = ema_params; multi-crop self-distillation."""
+  loss_inputs = ("step", "ema_params")
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    if config.get("model_name") != "dino":
+      raise ValueError(f"Config field 'model_name' must be 'dino' for the dino task, got "
+                       f"{config.get('model_name')!r}.")
+    opts = options(config)
+    if not config.get("ema_decay"):
+      raise ValueError("The dino task's teacher is the EMA of the params: set config field "
+                       "'ema_decay' (the paper: 0.996, with 'ema_decay_end' 1.0).")
+    backbone_name = (config.get("model") or {}).get("backbone_name", "vit")
+    if opts["packed"] and backbone_name != "navit":
+      raise ValueError(f"Config field 'dino.packed' needs model.backbone_name='navit' (packed "
+                       f"sequences with segment-masked attention), got {backbone_name!r}.")
+
+  def __init__(self, config: ml_collections.ConfigDict, model: Any):
+    super().__init__(config, model)
+    self.options = options(config)
+
+  def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = dict(self.model.init({"params": params_rng, "dropout": dropout_rng},
+                                     self._crops(batch, "global_crops")[:, 0], train=False))
+    variables[CENTER] = {"center": jnp.zeros((self.model.out_dim,), jnp.float32)}
+    return variables
+
+  def _crops(self, batch: dict[str, jax.Array], key: str) -> jax.Array:
+    if key not in batch:
+      raise ValueError(f"The dino task needs batch key {key!r}; the batch has {sorted(batch)}. "
+                       "Use the `multicrop(...)` pp op in config field 'input.pp'.")
+    return batch[key]
+
+  def _student(self, params: Any, extra: dict[str, Any], global_crops: jax.Array,
+               local_crops: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    """Student outputs [B, T + N, K] for every crop (globals first), and updated extra."""
+    b = global_crops.shape[0]
+    if self.options["packed"]:
+      inputs = packed_crops(global_crops, local_crops, self.model_patch_size())
+      patches = inputs.pop("patches")
+      out, _, extra = self.apply(params, extra, patches, rng, True, **inputs)
+      return out, extra  # [B, T + N, K]
+    outs = []
+    for index, crops in enumerate((global_crops, local_crops)):
+      if crops.shape[1]:
+        flat = crops.reshape(b * crops.shape[1], *crops.shape[2:])
+        out, _, extra = self.apply(params, extra, flat, jax.random.fold_in(rng, index), True)
+        outs.append(out.reshape(b, crops.shape[1], -1))
+    return jnp.concatenate(outs, axis=1), extra
+
+  def model_patch_size(self) -> int:
+    return navit.Model(**dict(self.model.backbone, num_classes=0)).hparams()["patch_size"]
+
+  def loss(self, params: Any, extra: dict[str, Any], batch: dict[str, jax.Array],
+           rng: jax.Array, *, step: jax.Array, ema_params: Any
+           ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, Any]]]:
+    opts = self.options
+    global_crops = self._crops(batch, "global_crops")  # [B, T, g, g, 3]
+    local_crops = batch.get("local_crops")  # [B, N, l, l, 3]
+    if local_crops is None:
+      local_crops = global_crops[:, :0]
+    b, num_global = global_crops.shape[:2]
+    model_extra = {k: v for k, v in extra.items() if k != CENTER}
+    center = extra[CENTER]["center"]  # [K]
+
+    teacher_out, _, _ = self.apply(
+        jax.lax.stop_gradient(ema_params), model_extra,
+        global_crops.reshape(b * num_global, *global_crops.shape[2:]), None, False)
+    teacher_out = jax.lax.stop_gradient(teacher_out.astype(jnp.float32)).reshape(
+        b, num_global, -1)  # [B, T, K]
+    student_out, model_extra = self._student(params, model_extra, global_crops, local_crops,
+                                             rng)
+    student_out = student_out.astype(jnp.float32)  # [B, T + N, K]
+    temperature = teacher_temperature(step, opts["warmup_teacher_temp"], opts["teacher_temp"],
+                                      opts["warmup_teacher_temp_steps"])
+    loss = dino_loss(student_out, teacher_out, center, opts["student_temp"], temperature)
+    # The mean of a batch-sharded array is global: every device's and process's rows count.
+    batch_center = teacher_out.mean(axis=(0, 1))  # [K]
+    momentum = opts["center_momentum"]
+    new_center = center * momentum + batch_center * (1 - momentum)
+    teacher_probs = jax.nn.softmax((teacher_out - center) / temperature, -1)  # [B, T, K]
+    entropy = -(teacher_probs * jnp.log(teacher_probs + 1e-12)).sum(-1).mean()
+    metrics = {"loss": loss, "teacher_temp": temperature, "teacher_entropy": entropy,
+               "center_norm": jnp.linalg.norm(new_center)}
+    return loss, (metrics, dict(model_extra, **{CENTER: {"center": new_center}}))
+
+  def apply(self, params: Any, extra: dict[str, Any], images: jax.Array,
+            rng: jax.Array | None, train: bool, **kwargs: Any) -> tuple[Any, Any, dict]:
+    """As `Task.apply`, without the task's own "dino" collection (the center)."""
+    model_extra = {k: v for k, v in extra.items() if k != CENTER}
+    out, aux, new_extra = super().apply(params, model_extra, images, rng, train, **kwargs)
+    if CENTER in extra:
+      new_extra = dict(new_extra, **{CENTER: extra[CENTER]})
+    return out, aux, new_extra
+
+  def predict(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
+    """The DINO head's outputs [B, K] of batch["image"]."""
+    out, _ = self.apply_eval(variables, batch["image"])
+    return out.astype(jnp.float32)

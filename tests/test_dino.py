@@ -1,0 +1,266 @@
+"""DINO: loss, schedules, head, packed multi-crop, center across devices, exact resume."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from big_vision_lite import checkpointing
+from big_vision_lite import models
+from big_vision_lite import optimizer as optimizer_lib
+from big_vision_lite import sharding
+from big_vision_lite import tasks
+from big_vision_lite import train
+from big_vision_lite.models import dino as dino_model
+from big_vision_lite.tasks import dino as dino_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import dino as dino_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TINY_BACKBONE = dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8)
+
+
+def tiny_config(packed: bool = False, **overrides):
+  """DINO with a 1-layer width-32 backbone, 2 global 32 px and 2 local 16 px crops."""
+  config = dino_config.get_config(f"packed={packed},batch_size=8,total_steps=6,num_local=2,"
+                                  "out_dim=64,hidden_dim=48,bottleneck_dim=16,warmup_steps=1,"
+                                  "teacher_temp_warmup_steps=4,freeze_last_layer_steps=2")
+  config.model.backbone = dict(TINY_BACKBONE, pool_type="gap" if packed else "tok")
+  config.mesh = [("data", 1)]
+  config.log_training_steps = 1
+  config.ckpt_steps = 3
+  config.evals = {}
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def random_batch(batch: int = 4, num_local: int = 2, seed: int = 0) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(seed)
+  return {"global_crops": jnp.asarray(rng.uniform(-1, 1, (batch, 2, 32, 32, 3)), jnp.float32),
+          "local_crops": jnp.asarray(rng.uniform(-1, 1, (batch, num_local, 16, 16, 3)),
+                                     jnp.float32)}
+
+
+def naive_dino_loss(student, teacher, center, student_temp, teacher_temp):
+  """The official DINOLoss.forward, loop by loop, in float64 numpy."""
+  def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+  student, teacher = np.float64(student), np.float64(teacher)
+  targets = softmax((teacher - center) / teacher_temp)
+  log_probs = np.log(softmax(student / student_temp))
+  total, pairs = 0.0, 0
+  for i in range(teacher.shape[1]):
+    for v in range(student.shape[1]):
+      if v == i:
+        continue
+      total += np.sum(-targets[:, i] * log_probs[:, v], axis=-1).mean()
+      pairs += 1
+  return total / pairs
+
+
+@pytest.mark.parametrize("num_local", [0, 3])
+def test_loss_matches_naive_official_loop(num_local):
+  rng = np.random.default_rng(1)
+  student = rng.normal(size=(5, 2 + num_local, 7)) * 3
+  teacher = rng.normal(size=(5, 2, 7)) * 3
+  center = rng.normal(size=(7,))
+  got = dino_task.dino_loss(jnp.asarray(student, jnp.float32), jnp.asarray(teacher, jnp.float32),
+                            jnp.asarray(center, jnp.float32), 0.1, 0.04)
+  np.testing.assert_allclose(got, naive_dino_loss(student, teacher, center, 0.1, 0.04),
+                             rtol=1e-5)
+  # The same-view pairs are skipped: student crop i = teacher crop i changes nothing when
+  # they are the only pairs that moved.
+  moved = student.copy()
+  moved[:, :2] += rng.normal(size=(5, 2, 7))
+  assert not np.isclose(naive_dino_loss(moved, teacher, center, 0.1, 0.04),
+                        naive_dino_loss(student, teacher, center, 0.1, 0.04))
+
+
+def test_schedules_follow_their_closed_forms():
+  total = 50
+  steps = np.arange(total + 1)
+  # The official utils.cosine_scheduler: final + (base - final) (1 + cos(pi i / n)) / 2.
+  official = lambda base, final: final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / total))
+  config = tiny_config(total_steps=total, ema_decay=0.996, ema_decay_end=1.0, wd=0.04,
+                       wd_end=0.4)
+  momentum = train.ema_decay_schedule(config)
+  np.testing.assert_allclose([momentum(s) for s in steps], official(0.996, 1.0), rtol=1e-6)
+  weight_decay = optimizer_lib.make_wd_schedule(config)
+  np.testing.assert_allclose([weight_decay(s) for s in steps], official(0.04, 0.4), rtol=1e-6)
+  temps = [dino_task.teacher_temperature(s, 0.04, 0.07, 20) for s in steps]
+  expected = np.where(steps < 20, 0.04 + 0.03 * steps / 20, 0.07)
+  np.testing.assert_allclose(temps, expected, rtol=1e-6)
+  assert train.ema_decay_schedule(tiny_config(ema_decay=0.9, ema_decay_end=None))(7) == (
+      pytest.approx(0.9))
+
+
+def test_weight_decay_schedule_reaches_the_update():
+  """AdamW's decoupled decay with wd_end: a zero gradient moves a param by -lr wd(t) p."""
+  config = tiny_config(total_steps=10, lr=0.1, wd=0.04, wd_end=0.4, grad_clip_norm=None)
+  config.schedule = dict(decay_type="constant", warmup_steps=0)
+  config.frozen_for_steps = ()
+  params = {"dense": {"kernel": jnp.ones((2,))}}
+  tx, _ = optimizer_lib.make_optimizer(config, params)
+  state = tx.init(params)
+  wd = optimizer_lib.make_wd_schedule(config)
+  for step in range(4):
+    updates, state = tx.update({"dense": {"kernel": jnp.zeros((2,))}}, state, params)
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * wd(step) * params["dense"]["kernel"],
+                               rtol=1e-5)
+    params = optax.apply_updates(params, updates)
+
+
+def test_frozen_for_steps_starts_a_fresh_optimizer_on_the_run_schedule():
+  """Frozen for n steps: untouched, then moved as a fresh AdamW started at step n with the
+  run's learning rate at step n onwards (the official code's grad = None for epoch 0)."""
+  config = tiny_config(total_steps=10, lr=0.1, wd=0.0, grad_clip_norm=None)
+  config.schedule = dict(decay_type="linear", warmup_steps=0, end_lr_ratio=0.0)
+  config.frozen_for_steps = ((r"last/.*", 3),)
+  params = {"last": {"w": jnp.ones((3,))}, "other": {"w": jnp.ones((3,))}}
+  tx, schedule = optimizer_lib.make_optimizer(config, params)
+  fresh = optax.adam(lambda count: schedule(count + 3))
+  fresh_state = fresh.init(params["last"])
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  for step in range(6):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    updates, state = tx.update(grads, state, params)
+    if step < 3:
+      np.testing.assert_array_equal(updates["last"]["w"], 0.0)
+      assert np.abs(updates["other"]["w"]).min() > 0
+    else:
+      expected, fresh_state = fresh.update(grads["last"], fresh_state)
+      np.testing.assert_allclose(updates["last"]["w"], expected["w"], rtol=1e-5)
+    params = optax.apply_updates(params, updates)
+
+
+def test_head_normalises_bottleneck_and_last_layer():
+  head = dino_model.DINOHead(out_dim=11, hidden_dim=16, bottleneck_dim=5)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)
+  variables = head.init(jax.random.key(0), x)
+  out = head.apply(variables, x)
+  # Unit bottleneck times unit columns: every output is a cosine, |out| <= 1.
+  assert out.shape == (4, 11) and float(jnp.abs(out).max()) <= 1 + 1e-6
+  direction = variables["params"]["last_layer_direction"]
+  scaled = {"params": dict(variables["params"], last_layer_direction=direction * 7.0)}
+  np.testing.assert_allclose(head.apply(scaled, x), out, rtol=1e-5)  # Norm frozen to 1.
+  assert set(variables["params"]) == {"mlp_0", "mlp_1", "mlp_2", "last_layer_direction"}
+  free = dino_model.DINOHead(out_dim=11, hidden_dim=16, bottleneck_dim=5, norm_last_layer=False)
+  assert "last_layer_scale" in free.init(jax.random.key(0), x)["params"]
+
+
+def test_packed_multicrop_gives_the_unpacked_loss():
+  """One packed NaViT forward over each image's crops = one forward per crop resolution."""
+  losses = {}
+  for packed in (False, True):
+    config = tiny_config(packed=True)
+    config.dino.packed = packed
+    task = tasks.REGISTRY.get("dino")(config, models.from_config(config))
+    batch = random_batch()
+    variables = task.init(jax.random.key(0), jax.tree.map(lambda x: x[:1], batch))
+    params = variables.pop("params")
+    loss_fn = lambda p: task.loss(p, variables, batch, jax.random.key(1), step=jnp.int32(2),
+                                  ema_params=jax.tree.map(lambda x: x * 0.9, p))
+    (loss, (_, extra)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    losses[packed] = (loss, grads, extra["dino"]["center"])
+  np.testing.assert_allclose(losses[True][0], losses[False][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6),
+               losses[True][1], losses[False][1])
+  np.testing.assert_allclose(losses[True][2], losses[False][2], rtol=1e-6)
+
+
+def test_packed_crops_layout():
+  batch = random_batch(batch=2, num_local=3)
+  inputs = dino_task.packed_crops(batch["global_crops"], batch["local_crops"], 8)
+  # 2 globals of 4 x 4 patches and 3 locals of 2 x 2: 44 tokens, no padding.
+  assert inputs["patches"].shape == (2, 44, 192)
+  np.testing.assert_array_equal(inputs["segment_ids"][0],
+                                np.repeat([1, 2, 3, 4, 5], [16, 16, 4, 4, 4]))
+  np.testing.assert_array_equal(inputs["image_sizes"][1], [[4, 4]] * 2 + [[2, 2]] * 3)
+  # The third local crop's patch (1, 0) of image 1, as pixels.
+  patch = np.asarray(batch["local_crops"][1, 2, 8:16, 0:8]).reshape(-1)
+  np.testing.assert_array_equal(inputs["patches"][1, 32 + 8 + 2], patch)
+  np.testing.assert_array_equal(inputs["positions"][1, 32 + 8 + 2], [1, 0])
+
+
+def _one_step(config, batch):
+  mesh = sharding.make_mesh(config.mesh)
+  task = tasks.REGISTRY.get("dino")(config, models.from_config(config))
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  training = train.build_training(config, task, mesh, spec)
+  state = training.init(jax.random.key(0))
+  state, metrics = training.step(state, sharding.global_batch(
+      jax.tree.map(np.asarray, batch), mesh))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_center_is_the_global_batch_mean_on_one_and_eight_devices():
+  assert jax.device_count() >= 8, "conftest sets 8 host devices"
+  batch = random_batch(batch=8)
+  one, metrics_one = _one_step(tiny_config(), batch)
+  eight, metrics_eight = _one_step(tiny_config(mesh=[("data", 8)]), batch)
+  np.testing.assert_allclose(eight["extra"]["dino"]["center"], one["extra"]["dino"]["center"],
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(metrics_eight["loss"], metrics_one["loss"], rtol=1e-5)
+  # The center after one step from 0 is (1 - 0.9) x the teacher's mean over all 16 crops.
+  config = tiny_config()
+  task = tasks.REGISTRY.get("dino")(config, models.from_config(config))
+  init = train.build_training(config, task, sharding.make_mesh(config.mesh), {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}).init
+  teacher = {"params": jax.device_get(init(jax.random.key(0)))["params"]}  # Step 0's teacher.
+  out = task.predict(teacher, {"image": batch["global_crops"].reshape(16, 32, 32, 3)})
+  np.testing.assert_allclose(one["extra"]["dino"]["center"], 0.1 * np.asarray(out).mean(0),
+                             rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_follows_the_cosine_momentum_and_gets_no_gradient():
+  batch = random_batch(batch=8)
+  config = tiny_config(ema_decay=0.9, ema_decay_end=1.0, total_steps=4)
+  state, metrics = _one_step(config, batch)
+  mesh = sharding.make_mesh(config.mesh)
+  task = tasks.REGISTRY.get("dino")(config, models.from_config(config))
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  initial = jax.device_get(train.build_training(config, task, mesh, spec).init(
+      jax.random.key(0)))["params"]
+  assert float(metrics["ema_decay"]) == pytest.approx(0.9)
+  jax.tree.map(lambda t, p, p0: np.testing.assert_allclose(t, 0.9 * p0 + 0.1 * p, rtol=1e-5,
+                                                           atol=1e-7),
+               state["ema_params"], state["params"], initial)
+
+
+def test_config_errors_name_the_field():
+  from big_vision_lite import config_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="'dino.teacher_temp'"):
+    config_lib.validate(tiny_config(dino=dict(teacher_temp=0.0)))
+  with pytest.raises(ValueError, match="'ema_decay'"):
+    config_lib.validate(tiny_config(ema_decay=None, ema_decay_end=None))
+  with pytest.raises(ValueError, match="backbone_name='navit'"):
+    config = tiny_config()
+    config.dino.packed = True
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match="'frozen_for_steps'"):
+    config_lib.validate(tiny_config(frozen_for_steps=(("head/.*", -1),)))
+  with pytest.raises(ValueError, match="backbone.num_classes"):
+    dino_model.Model(out_dim=8, backbone=dict(TINY_BACKBONE, num_classes=10))
+
+
+def test_resume_is_exact_with_teacher_center_and_schedules(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  config = tiny_config(total_steps=6)
+  config.model.backbone.dropout = 0.1  # The RNG must resume too.
+  train.train_and_evaluate(config, straight)
+  train.train_and_evaluate(config, resumed, stop_after_steps=3)
+  train.train_and_evaluate(config, resumed)
+  a = checkpointing.load_variables(straight)
+  b = checkpointing.load_variables(resumed)
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # params and the center
+  assert a["dino"]["center"].any()
+  a = checkpointing.load_variables(straight, use_ema=True)
+  b = checkpointing.load_variables(resumed, use_ema=True)
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])  # the teacher
