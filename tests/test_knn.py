@@ -1,7 +1,13 @@
 """k-NN and linear-probe evaluators on fixed features (a stub task whose features are its
 input vectors) against brute-force numpy: exact similarity ties, k larger than a class,
 banks that do not fill the last batch or split evenly over the devices, query chunks
-smaller than a batch, the same answer on 1 and 8 devices."""
+smaller than a batch, the same answer on 1 and 8 devices and in 2 processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,6 +20,7 @@ from big_vision_lite.evaluators import knn
 from big_vision_lite.evaluators import linear_probe
 from big_vision_lite.input import data as data_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 8
 BATCH_SIZE = 8
 
@@ -25,7 +32,7 @@ class FeatureTask:
     return batch["image"] * variables["params"]["scale"]
 
 
-VARIABLES = {"params": {"scale": jnp.float32(1.0)}}
+VARIABLES = {"params": {"scale": np.float32(1.0)}}
 
 
 def quantized_features(rng: np.random.Generator, count: int, dim: int = 8) -> np.ndarray:
@@ -240,3 +247,52 @@ def test_probe_statistics_and_loss_skip_pad_rows_as_numpy():
   want = -log_softmax[np.arange(len(logits)), labels[real]].mean()
   np.testing.assert_allclose(linear_probe.mean_xent(params, jnp.asarray(features),
                                                     jnp.asarray(labels)), want, rtol=1e-5)
+
+
+def two_process_worker(process_id: int, port: int, output: str) -> None:
+  """One of 2 processes (4 CPU devices each): the k-NN and linear-probe evaluators on the
+  8-device mesh over both; process 0 writes their results as JSON to `output`."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+  train, train_labels, test, test_labels = fixed_split(1, "quantized")
+  records = lambda x, y: [{"image": f, "label": np.int64(l)} for f, l in zip(x, y)]
+  sources = {"train": records(train, train_labels), "test": records(test, test_labels)}
+  data_lib.get_source = lambda data: sources[data["split"]]
+  mesh = sharding.make_mesh()
+  results = {
+      "knn": knn.KnnEvaluator(FeatureTask(), mesh, eval_config(
+          k=10, temperature=0.5, query_chunk=2)).run(VARIABLES),
+      "probe": linear_probe.LinearProbeEvaluator(FeatureTask(), mesh, eval_config(
+          steps=20, lr=0.05)).run(VARIABLES)}
+  if process_id == 0:
+    with open(output, "w") as f:
+      json.dump(results, f)
+
+
+@pytest.mark.slow  # ~30 s: two processes import jax and compile.
+def test_two_processes_give_the_one_process_results(monkeypatch, tmp_path):
+  """Features computed by 2 processes, the bank split over both (4 + 4 devices)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  output = tmp_path / "results.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  code = ("import sys; sys.path.insert(0, 'tests'); import test_knn; "
+          "test_knn.two_process_worker({}, %d, %r)" % (port, str(output)))
+  procs = [subprocess.Popen([sys.executable, "-c", code.format(i)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  logs = [p.communicate(timeout=300)[0].decode()[-3000:] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs
+  with open(output) as f:
+    two = json.load(f)
+
+  train, train_labels, test, test_labels = fixed_split(1, "quantized")
+  _, scores = numpy_knn(train, train_labels, test, 10, 0.5)
+  top1, top5 = numpy_top1_top5(scores, test_labels, 10)
+  assert two["knn"] == pytest.approx({"top1": top1, "top5": top5}, abs=1e-9)
+  use_sources(monkeypatch, train, train_labels, test, test_labels)
+  one = linear_probe.LinearProbeEvaluator(FeatureTask(), sharding.make_mesh(), eval_config(
+      steps=20, lr=0.05)).run(VARIABLES)
+  assert two["probe"] == pytest.approx(one, rel=1e-5)

@@ -78,6 +78,10 @@ class FeatureExtractor:
     self._step = jax.jit(self._features, out_shardings=(rows, rows, sharding.replicated(mesh)))
     self._put = jax.jit(lambda bank, i, rows: bank.at[i].set(rows), donate_argnums=0,
                         out_shardings=self.bank_sharding)
+    self._zeros = jax.jit(
+        lambda n, rows, labels: (jnp.zeros((n,) + rows, jnp.float32),
+                                 jnp.zeros((n,) + labels, jnp.int32)),
+        static_argnums=(0, 1, 2), out_shardings=(self.bank_sharding, self.bank_sharding))
 
   def _features(self, variables: dict[str, Any], batch: dict[str, jax.Array]
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -105,10 +109,7 @@ class FeatureExtractor:
       rows, row_labels, bad = self._step(variables, sharding.global_batch(local_batch,
                                                                           self.mesh))
       if features is None:
-        features = jax.device_put(jnp.zeros((num_batches,) + rows.shape, rows.dtype),
-                                  self.bank_sharding)
-        labels = jax.device_put(jnp.zeros((num_batches,) + row_labels.shape, jnp.int32),
-                                self.bank_sharding)
+        features, labels = self._zeros(num_batches, rows.shape, row_labels.shape)
       features = self._put(features, i, rows)
       labels = self._put(labels, i, row_labels)
       bad_labels.append(bad)
