@@ -14,6 +14,7 @@ from absl import flags
 from big_vision_lite import checkpointing
 from big_vision_lite import evaluate
 from big_vision_lite import train
+from big_vision_lite.tools import import_timm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,3 +123,22 @@ def test_errors_name_the_problem(trained_run, tmp_path):
     evaluate.evaluate(config, str(tmp_path / "empty"))
   with pytest.raises(ValueError, match=r"missing does not exist"):
     evaluate.evaluate(config, str(tmp_path / "missing"))
+  config.evals.knn.k = 49  # Validation (before any compute) knows the bank's size.
+  with pytest.raises(ValueError, match=r"'evals.knn.k' is 49, more than the 48 examples"):
+    evaluate.evaluate(config, workdir, ["knn"])
+
+
+def test_an_import_evaluates_like_its_run(trained_run, tmp_path):
+  """An import dir (model.json and params/, as tools/import_*.py write them) of the run's
+  params gives the run's k-NN results; it has no EMA params to evaluate."""
+  config_path, workdir, logged = trained_run
+  config = load_config(config_path)
+  imported = str(tmp_path / "import")
+  import_timm.write_checkpoint(imported, config.model_name, config.model.to_dict(),
+                               checkpointing.load_variables(workdir))
+  results = evaluate.evaluate(config, imported, ["knn"])
+  assert results["knn"] == {k: logged[f"knn/{k}"] for k in ("top1", "top5")}
+  with open(os.path.join(imported, "eval_results.json")) as f:
+    assert json.load(f)["step"] is None
+  with pytest.raises(ValueError, match=r"is an import, .* no EMA params"):
+    evaluate.evaluate(config, imported, ["probe_ema"])

@@ -181,6 +181,15 @@ def test_config_errors_name_the_field(fields, error):
     knn.KnnEvaluator(FeatureTask(), sharding.make_mesh([("data", 1)]), eval_config(**fields))
 
 
+def test_k_larger_than_the_bank_is_an_error_before_compute(monkeypatch):
+  use_sources(monkeypatch, *fixed_split(0, "gaussian"))
+  evaluator = knn.KnnEvaluator(FeatureTask(), sharding.make_mesh([("data", 1)]),
+                               eval_config(k=38))
+  monkeypatch.setattr(evaluator, "extract", None)  # Computing features would fail.
+  with pytest.raises(ValueError, match=r"'evals.<name>.k' is 38, more than the 37 examples"):
+    evaluator.run(VARIABLES)
+
+
 def probe_split(seed: int, separable: bool, num_train: int = 120, num_test: int = 200):
   """Features [N, 8] with labels: around 5 well separated class centres (at an offset and
   scale far from standardised), or Gaussian with labels drawn independently."""

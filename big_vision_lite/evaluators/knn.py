@@ -183,6 +183,12 @@ def check_feature_eval_fields(eval_config: ml_collections.ConfigDict, field: str
                      f"label classes), got {num_classes!r}.")
 
 
+def check_k(k: int, bank_size: int, field: str) -> None:
+  if k > bank_size:
+    raise ValueError(f"Config field '{field}.k' is {k}, more than the {bank_size} examples of "
+                     f"the bank ('{field}.train_data').")
+
+
 @REGISTRY.register("knn")
 class KnnEvaluator:
   """k-NN top-1 / top-5 of `data` against the features of `train_data` (module docstring)."""
@@ -203,6 +209,8 @@ class KnnEvaluator:
   def validate_config(cls, eval_config: ml_collections.ConfigDict, field: str) -> None:
     cls.check_fields(eval_config, field)
     data_lib.check_split(eval_config.train_data, f"{field}.train_data")
+    check_k(eval_config.get("k") or DEFAULTS["k"], data_lib.num_examples(eval_config.train_data),
+            field)
 
   def __init__(self, task: Any, mesh: Mesh, eval_config: ml_collections.ConfigDict,
                seed: int = 0):
@@ -241,10 +249,8 @@ class KnnEvaluator:
     return {"top1": top1.sum(), "top5": top5.sum()}
 
   def run(self, variables: dict[str, Any]) -> dict[str, float]:
+    check_k(self.k, data_lib.num_examples(self.config.train_data), self.field)
     bank = self.extract(variables, self.config.train_data)
-    if bank.size < self.k:
-      raise ValueError(f"Config field '{self.field}.k' is {self.k}, more than the "
-                       f"{bank.size} examples of the bank (field 'train_data').")
     queries = self.extract(variables, self.config.data)
     totals = {"top1": 0, "top5": 0}
     for i in range(queries.features.shape[0]):
