@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from big_vision_lite import sharding
@@ -184,6 +183,7 @@ def check_feature_eval_fields(eval_config: ml_collections.ConfigDict, field: str
 
 
 def check_k(k: int, bank_size: int, field: str) -> None:
+  """Raises a ValueError naming '<field>.k' if the bank has fewer than k examples."""
   if k > bank_size:
     raise ValueError(f"Config field '{field}.k' is {k}, more than the {bank_size} examples of "
                      f"the bank ('{field}.train_data').")
