@@ -96,18 +96,18 @@ def test_cls_attention_equals_naive_last_layer(depth):
   backbone = dict(TINY_BACKBONE, depth=depth, pool_type="tok")
   model = dino_model.Model(out_dim=8, hidden_dim=16, bottleneck_dim=4, backbone=backbone)
   images = jax.random.uniform(jax.random.key(1), (2, 16, 24, 3), minval=-1, maxval=1)
-  variables = model.init(jax.random.key(0), images)
+  variables = jax.jit(model.init)(jax.random.key(0), images)
   # Random (not zero-initialised) class token and biases.
   leaves, tree = jax.tree.flatten(variables)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
+  noise = np.random.default_rng(2)
   variables = jax.tree.unflatten(tree, [
-      leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+      leaf + 0.3 * noise.normal(size=leaf.shape).astype(np.float32) for leaf in leaves])
 
   got = np.asarray(dino_attention.cls_attention(variables, model, images))
   assert got.shape == (2, 2, 2, 3)
   tokens = None
   if depth > 1:  # The last block's input, the previous block's output.
-    _, aux = model.apply(variables, images)
+    _, aux = jax.jit(model.apply)(variables, images)
     tokens = aux[f"block{depth - 2:02d}"]
   backbone_params = variables["params"]["backbone"]
   want = naive_cls_attention(np.asarray(images), backbone_params, tokens, patch=8)

@@ -7,12 +7,13 @@ Loads a DINO run (its teacher, the EMA params, as the paper's figures; `--studen
 student) or a ViT run or import with a class token (`pool_type="tok"`), takes the first
 `--num_images` images of `--split` of the run's dataset (`decode|resize(res)|
 value_range(-1, 1)`; `res` defaults to the side the model's learned position embedding was
-made for, i.e. a DINO run's global crop size), and draws one row per image: the image, then
-each head's attention of the [CLS] query over the patches of the last layer (nearest
-upsampled, colour scale per map from 0 to its maximum), then each head's threshold mask
-(the smallest set of patches holding `--threshold` of that head's attention mass, as the
-official visualize_attention.py) as the image with the other patches dimmed. Prints per
-head the fraction of patches kept and the attention the [CLS] token pays to itself.
+made for, i.e. a DINO run's global crop size), and draws one row per image: the image,
+then each head's attention of the [CLS] query over the patches of the last layer (nearest
+upsampled, colours from each map's minimum, dark blue, to its maximum, yellow), then each
+head's threshold mask (the smallest set of patches holding `--threshold` of that head's
+attention mass, as the official visualize_attention.py) as the image with the other patches
+dimmed. Prints per head the fraction of patches kept and the attention the [CLS] token pays
+to itself.
 
 `cls_attention` and `threshold_mask` are the computations, for notebooks.
 """
@@ -68,10 +69,12 @@ def cls_attention(variables: Mapping[str, Any], model: Any, images: jax.Array) -
   minus the [CLS] token's attention to itself.
   """
   check_class_token(model)
-  _, aux = model.apply(variables, images, return_attention=True)
-  last = aux["attention"][-1]  # [B, heads, 1 + N, 1 + N]
-  b, h, w, _ = aux["stem"].shape  # The patch grid.
-  return last[:, :, 0, 1:].reshape(b, last.shape[1], h, w)  # [B, heads, h, w]
+  def last_layer(variables, images):
+    _, aux = model.apply(variables, images, return_attention=True)
+    last = aux["attention"][-1]  # [B, heads, 1 + N, 1 + N]
+    b, h, w, _ = aux["stem"].shape  # The patch grid.
+    return last[:, :, 0, 1:].reshape(b, last.shape[1], h, w)  # [B, heads, h, w]
+  return jax.jit(last_layer)(variables, images)
 
 
 def threshold_mask(attention: np.ndarray | jax.Array, threshold: float = 0.6) -> np.ndarray:
@@ -107,8 +110,9 @@ def grid_rows(images: np.ndarray, attention: np.ndarray, masks: np.ndarray
   columns [1 + 2 heads, R, R, 3] in [0, 1]: image, attention per head, mask per head."""
   side = images.shape[1]
   upsample = lambda x: np.repeat(np.repeat(x, side // x.shape[-2], -2), side // x.shape[-1], -1)
-  peak = attention.max(axis=(-2, -1), keepdims=True)
-  maps = _colour(upsample(attention / np.maximum(peak, 1e-12)))  # [B, heads, R, R, 3]
+  low = attention.min(axis=(-2, -1), keepdims=True)
+  spread = attention.max(axis=(-2, -1), keepdims=True) - low
+  maps = _colour(upsample((attention - low) / np.maximum(spread, 1e-12)))  # [B, heads, R, R, 3]
   pictures = (images + 1.0) / 2.0  # [B, R, R, 3]
   brightness = DIM + (1.0 - DIM) * upsample(masks.astype(np.float64))  # [B, heads, R, R]
   masked = pictures[:, None] * brightness[..., None]  # [B, heads, R, R, 3]
