@@ -84,6 +84,7 @@ def check_dino(stdout: str) -> None:
   path = re.findall(r"wrote (\S+attention\.png):", stdout)
   assert len(path) == 1, stdout
   picture = np.asarray(Image.open(path[0]))
-  # 9 rows (images, 4 heads' maps, 4 heads' masks) x 6 images of 32 px x 4, 2 px gaps.
-  assert picture.shape == (9 * 130 + 2, 6 * 130 + 2, 3), picture.shape
+  # 6 rows (images) x 9 columns (the image, 4 heads' maps, 4 heads' masks) of 32 px x 4,
+  # 2 px gaps.
+  assert picture.shape == (6 * 130 + 2, 9 * 130 + 2, 3), picture.shape
   assert picture.std() > 10, "The attention picture is blank."
