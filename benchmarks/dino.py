@@ -208,7 +208,8 @@ def main(argv: list[str]) -> None:
 
   if FLAGS.out:
     record = {
-        "command": " ".join(sys.argv), "device": device.device_kind,
+        "command": " ".join(["python -m benchmarks.dino", *sys.argv[1:]]),
+        "device": device.device_kind,
         "backend": jax.default_backend(), "num_devices": len(jax.devices()),
         "cpu_count": os.cpu_count(), "jax": jax.__version__, "sizes": size,
         "params": num_params, "compute_dtype": FLAGS.compute_dtype, "steps": FLAGS.steps,
