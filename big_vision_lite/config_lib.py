@@ -204,13 +204,22 @@ def check_batch_size(field: str, batch_size: int, divisor: int, accum: int = 1) 
                    f"{split}: it must be a multiple of {multiple}, e.g. {nearest}.")
 
 
+def backbone_source(name: str | None, model_kwargs: Mapping[str, Any] | None) -> str | None:
+  """The backbone's model name when model `name` wraps one (its module's `backbone`, e.g. a
+  DINO run's ViT), else None: a run of it initialises a model of that name."""
+  if name not in models.KNOWN or not hasattr(models.get(name), "backbone"):
+    return None
+  return models.get(name).backbone(model_kwargs or {})
+
+
 def _validate_init_from(config: ml_collections.ConfigDict) -> None:
   """`init_from` holds a checkpoint of a model this run loads, agreeing with `config.model`."""
   checkpointing.check_init_from(config.init_from)
-  name, _ = checkpointing.read_run_model(config.init_from)
+  name, source_model = checkpointing.read_run_model(config.init_from)
   accepted = (config.model_name,) + tuple(getattr(models.get(config.model_name), "LOADS_FROM",
                                                   ()))
-  if name is not None and name not in accepted:
+  if name is not None and name not in accepted and (
+      backbone_source(name, source_model) != config.model_name):
     raise ValueError(f"Config field 'init_from': {config.init_from} holds model_name={name!r}; "
                      f"a {config.model_name!r} run loads {', '.join(map(repr, accepted))}.")
   with_init_from_model(config)  # Raises on a conflicting model field.

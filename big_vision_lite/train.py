@@ -442,11 +442,19 @@ def _to_host(tree: Any) -> Any:
 def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
                state_shardings: dict[str, Any]) -> dict[str, Any]:
   """Replaces the fresh params (and BatchNorm statistics etc.) by those of another run or
-  an imported checkpoint; `init_skip` regexes keep matching entries fresh."""
+  an imported checkpoint; `init_skip` regexes keep matching entries fresh. A run of a
+  model wrapping this one (`config_lib.backbone_source`, e.g. DINO) gives its backbone."""
   path = config.init_from
   module = models.get(config.model_name)
-  name, _ = checkpointing.read_run_model(path)  # validate() checked it is loadable here.
-  loaded = checkpointing.load_variables(path)
+  name, source_model = checkpointing.read_run_model(path)  # validate() checked it loads here.
+  if name != config.model_name and config_lib.backbone_source(name, source_model):
+    # A wrapper's run (e.g. DINO): its backbone's variables, of its EMA params if it says so.
+    source = models.get(name)
+    loaded = checkpointing.load_variables(path, use_ema=source.BACKBONE_FROM_EMA)
+    loaded = {collection: values[source.BACKBONE_KEY] for collection, values in loaded.items()
+              if source.BACKBONE_KEY in values}
+  else:
+    loaded = checkpointing.load_variables(path)
   skip = config.get("init_skip") or ()
   init_params = _to_host(state["params"])
   loaded_params = loaded.pop("params")

@@ -190,48 +190,43 @@ def test_packed_crops_layout():
 
 
 def _one_step(config, batch):
+  """(initial state, state after one train step, its metrics), on host."""
   mesh = sharding.make_mesh(config.mesh)
   task = tasks.REGISTRY.get("dino")(config, models.from_config(config))
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   training = train.build_training(config, task, mesh, spec)
   state = training.init(jax.random.key(0))
+  initial = jax.device_get(state)
   state, metrics = training.step(state, sharding.global_batch(
       jax.tree.map(np.asarray, batch), mesh))
-  return jax.device_get(state), jax.device_get(metrics)
+  return initial, jax.device_get(state), jax.device_get(metrics)
 
 
 def test_center_is_the_global_batch_mean_on_one_and_eight_devices():
   assert jax.device_count() >= 8, "conftest sets 8 host devices"
   batch = random_batch(batch=8)
-  one, metrics_one = _one_step(tiny_config(), batch)
-  eight, metrics_eight = _one_step(tiny_config(mesh=[("data", 8)]), batch)
+  initial, one, metrics_one = _one_step(tiny_config(), batch)
+  _, eight, metrics_eight = _one_step(tiny_config(mesh=[("data", 8)]), batch)
   np.testing.assert_allclose(eight["extra"]["dino"]["center"], one["extra"]["dino"]["center"],
                              rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(metrics_eight["loss"], metrics_one["loss"], rtol=1e-5)
-  # The center after one step from 0 is (1 - 0.9) x the teacher's mean over all 16 crops.
+  # From 0, the center after one step is (1 - 0.9) x the mean of the step-0 teacher (the
+  # initial params) over all 16 global crops of the batch.
   config = tiny_config()
   task = tasks.REGISTRY.get("dino")(config, models.from_config(config))
-  init = train.build_training(config, task, sharding.make_mesh(config.mesh), {
-      k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}).init
-  teacher = {"params": jax.device_get(init(jax.random.key(0)))["params"]}  # Step 0's teacher.
-  out = task.predict(teacher, {"image": batch["global_crops"].reshape(16, 32, 32, 3)})
+  out = task.predict({"params": initial["params"]},
+                     {"image": batch["global_crops"].reshape(16, 32, 32, 3)})
   np.testing.assert_allclose(one["extra"]["dino"]["center"], 0.1 * np.asarray(out).mean(0),
                              rtol=1e-4, atol=1e-7)
 
 
 def test_teacher_follows_the_cosine_momentum_and_gets_no_gradient():
-  batch = random_batch(batch=8)
   config = tiny_config(ema_decay=0.9, ema_decay_end=1.0, total_steps=4)
-  state, metrics = _one_step(config, batch)
-  mesh = sharding.make_mesh(config.mesh)
-  task = tasks.REGISTRY.get("dino")(config, models.from_config(config))
-  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  initial = jax.device_get(train.build_training(config, task, mesh, spec).init(
-      jax.random.key(0)))["params"]
+  initial, state, metrics = _one_step(config, random_batch(batch=8))
   assert float(metrics["ema_decay"]) == pytest.approx(0.9)
   jax.tree.map(lambda t, p, p0: np.testing.assert_allclose(t, 0.9 * p0 + 0.1 * p, rtol=1e-5,
                                                            atol=1e-7),
-               state["ema_params"], state["params"], initial)
+               state["ema_params"], state["params"], initial["params"])
 
 
 def test_config_errors_name_the_field():
@@ -264,3 +259,23 @@ def test_resume_is_exact_with_teacher_center_and_schedules(tmp_path):
   a = checkpointing.load_variables(straight, use_ema=True)
   b = checkpointing.load_variables(resumed, use_ema=True)
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])  # the teacher
+
+
+def test_classifier_fine_tunes_from_the_teacher_backbone(tmp_path):
+  dino_dir = str(tmp_path / "dino")
+  train.train_and_evaluate(tiny_config(total_steps=2), dino_dir)
+  import vit as vit_config  # pylint: disable=g-import-not-at-top
+  config = vit_config.get_config("res=32,batch_size=8,total_steps=1")
+  config.model = dict(TINY_BACKBONE, num_classes=10, pool_type="tok")
+  config.mesh, config.evals = [("data", 1)], {}
+  config.init_from = dino_dir
+  config.init_skip = ("head/.*",)
+  config.lr = 0.0  # The step leaves the loaded params as they are.
+  train.train_and_evaluate(config, str(tmp_path / "ft"))
+  teacher = checkpointing.load_variables(dino_dir, use_ema=True)["params"]["backbone"]
+  student = checkpointing.load_variables(dino_dir)["params"]["backbone"]
+  tuned = checkpointing.load_params(str(tmp_path / "ft"))
+  assert set(tuned) == set(teacher) | {"head"}
+  jax.tree.map(np.testing.assert_array_equal, {k: tuned[k] for k in teacher}, teacher)
+  assert not np.array_equal(tuned["Transformer"]["encoder_norm"]["scale"],
+                            student["Transformer"]["encoder_norm"]["scale"])
