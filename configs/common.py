@@ -85,3 +85,16 @@ def classification(arg: ml_collections.ConfigDict, model_name: str, model: dict[
       data=data_fields(arg, arg.eval_split),
       pp=f'decode|resize({arg.res})|value_range(-1, 1)|{labels}|keep("image", "labels")'))
   return config
+
+
+def feature_evals(arg: ml_collections.ConfigDict, res: int, log_steps: int,
+                  use_ema: bool = False) -> dict[str, Any]:
+  """`knn` (DINO's weighted k-NN, k=20, T=0.07) and `linear_probe` evals of a run's frozen
+  features: bank / probe training on `arg.train_split`, queries on `arg.eval_split`,
+  images resized to `res`; `use_ema` evaluates the EMA params (DINO's teacher)."""
+  features = dict(log_steps=log_steps, batch_size=256, use_ema=use_ema,
+                  pp=f'decode|resize({res})|value_range(-1, 1)|keep("image", "label")',
+                  train_data=data_fields(arg, arg.train_split),
+                  data=data_fields(arg, arg.eval_split), num_classes=arg.num_classes)
+  return dict(knn=dict(features, type="knn", k=20, temperature=0.07),
+              linear_probe=dict(features, type="linear_probe", steps=300, lr=0.01, wd=1e-4))

@@ -72,11 +72,5 @@ def get_config(arg: str | None = None):
   config.frozen_for_steps = ((r"head/last_layer_.*", arg.freeze_last_layer_steps),)
   common.add_run_fields(config, log_training_steps=25, ckpt_steps=100, init_from=False)
 
-  eval_pp = (f'decode|resize({arg.global_size})|value_range(-1, 1)|keep("image", "label")')
-  features = dict(log_steps=arg.total_steps, batch_size=256, use_ema=True, pp=eval_pp,
-                  train_data=common.data_fields(arg, arg.train_split), data=common.data_fields(arg, arg.eval_split),
-                  num_classes=arg.num_classes)
-  config.evals = dict(
-      knn=dict(features, type="knn", k=20, temperature=0.07),
-      linear_probe=dict(features, type="linear_probe"))
+  config.evals = common.feature_evals(arg, arg.global_size, arg.total_steps, use_ema=True)
   return config
