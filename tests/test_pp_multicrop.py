@@ -10,20 +10,15 @@ from PIL import ImageEnhance
 from PIL import ImageFilter
 
 from big_vision_lite.input import pp
+from test_pp import random_image, run  # pylint: disable=g-bad-import-order
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def run(pp_string, example, seed=0):
-  return pp.get_preprocess_fn(pp_string)(example, np.random.default_rng(seed))
-
-
-def random_image(h=12, w=16, seed=0):
-  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 def test_random_grayscale_is_the_601_luma():
-  image = random_image()
+  image = random_image(12, 16)
   out = run("random_grayscale(p=1.0)", {"image": image})["image"]
   want = np.rint(image.astype(np.float64) @ LUMA)  # [H, W]
   assert out.dtype == np.uint8 and out.shape == image.shape
@@ -64,7 +59,7 @@ def test_gaussian_blur_is_pils_with_a_uniform_sigma():
 
 @pytest.mark.parametrize("factor", [0.0, 0.6, 1.4, 2.0])
 def test_brightness_contrast_saturation_match_pil(factor):
-  image = random_image()
+  image = random_image(12, 16)
   image[..., 2] = image[..., 2] // 4 + 192  # A blue cast: luma and channel means differ.
   pil = Image.fromarray(image)
   references = {pp.adjust_brightness: ImageEnhance.Brightness,
@@ -81,7 +76,7 @@ def test_brightness_contrast_saturation_match_pil(factor):
 
 @pytest.mark.parametrize("shift", [-0.5, -0.1, 0.05, 0.3])
 def test_hue_matches_colorsys(shift):
-  image = random_image()
+  image = random_image(12, 16)
   image[0, :3] = [[40, 40, 40], [255, 0, 0], [0, 0, 0]]  # Gray, pure red, black.
   want = np.zeros(image.shape)
   for (y, x), _ in np.ndenumerate(image[..., 0]):
@@ -110,7 +105,7 @@ def test_adjustments_match_torchvision():
 
 
 def test_color_jitter_applies_the_four_in_the_drawn_order():
-  image = random_image()
+  image = random_image(12, 16)
   for seed in range(6):
     rng = np.random.default_rng(seed)
     twin = copy.deepcopy(rng)
