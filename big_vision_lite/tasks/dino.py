@@ -146,7 +146,7 @@ class DINO(Task):
     """Student outputs [B, T + N, K] for every crop (globals first), and updated extra."""
     b = global_crops.shape[0]
     if self.options["packed"]:
-      inputs = packed_crops(global_crops, local_crops, self.model_patch_size())
+      inputs = packed_crops(global_crops, local_crops, self._patch_size())
       patches = inputs.pop("patches")
       out, _, extra = self.apply(params, extra, patches, rng, True, **inputs)
       return out, extra  # [B, T + N, K]
@@ -158,7 +158,8 @@ class DINO(Task):
         outs.append(out.reshape(b, crops.shape[1], -1))
     return jnp.concatenate(outs, axis=1), extra
 
-  def model_patch_size(self) -> int:
+  def _patch_size(self) -> int:
+    """The NaViT backbone's patch side."""
     return navit.Model(**dict(self.model.backbone, num_classes=0)).hparams()["patch_size"]
 
   def loss(self, params: Any, extra: dict[str, Any], batch: dict[str, jax.Array],
@@ -170,16 +171,14 @@ class DINO(Task):
     if local_crops is None:
       local_crops = global_crops[:, :0]
     b, num_global = global_crops.shape[:2]
-    model_extra = {k: v for k, v in extra.items() if k != CENTER}
     center = extra[CENTER]["center"]  # [K]
 
     teacher_out, _, _ = self.apply(
-        jax.lax.stop_gradient(ema_params), model_extra,
+        jax.lax.stop_gradient(ema_params), extra,
         global_crops.reshape(b * num_global, *global_crops.shape[2:]), None, False)
     teacher_out = jax.lax.stop_gradient(teacher_out.astype(jnp.float32)).reshape(
         b, num_global, -1)  # [B, T, K]
-    student_out, model_extra = self._student(params, model_extra, global_crops, local_crops,
-                                             rng)
+    student_out, new_extra = self._student(params, extra, global_crops, local_crops, rng)
     student_out = student_out.astype(jnp.float32)  # [B, T + N, K]
     temperature = teacher_temperature(step, opts["warmup_teacher_temp"], opts["teacher_temp"],
                                       opts["warmup_teacher_temp_steps"])
@@ -192,7 +191,7 @@ class DINO(Task):
     entropy = -(teacher_probs * jnp.log(teacher_probs + 1e-12)).sum(-1).mean()
     metrics = {"loss": loss, "teacher_temp": temperature, "teacher_entropy": entropy,
                "center_norm": jnp.linalg.norm(new_center)}
-    return loss, (metrics, dict(model_extra, **{CENTER: {"center": new_center}}))
+    return loss, (metrics, dict(new_extra, **{CENTER: {"center": new_center}}))
 
   def apply(self, params: Any, extra: dict[str, Any], images: jax.Array,
             rng: jax.Array | None, train: bool, **kwargs: Any) -> tuple[Any, Any, dict]:
