@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
   arg = config_lib.parse_arg(
       arg, variant="mini/4", packed=False, global_size=32, local_size=16, num_local=4,
       batch_size=64, total_steps=300, lr=1e-3, min_lr_ratio=0.01, wd=0.04, wd_end=0.4,
-      out_dim=4096, hidden_dim=512, bottleneck_dim=128, ema_decay=0.99,
+      out_dim=4096, hidden_dim=512, bottleneck_dim=128, norm_last_layer=True, ema_decay=0.99,
       warmup_steps=30, teacher_temp_warmup_steps=90, freeze_last_layer_steps=30,
       **common.DATA_ARGS)
   config = common.new_config("dino", arg.total_steps)
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
     config.model = dict(backbone_name="vit", backbone=backbone)
   config.model_name = "dino"
   config.model.update(out_dim=arg.out_dim, hidden_dim=arg.hidden_dim,
-                      bottleneck_dim=arg.bottleneck_dim)
+                      bottleneck_dim=arg.bottleneck_dim, norm_last_layer=arg.norm_last_layer)
   config.dino = dict(student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
                      warmup_teacher_temp_steps=arg.teacher_temp_warmup_steps,
                      center_momentum=0.9, packed=arg.packed)
