@@ -114,7 +114,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if packing:  # Before the task, which may rely on it.
     packing_lib.validate(packing, "input.packing")
   _check_type(config, "task", (str,), required=True)
-  tasks.REGISTRY.get(config.task, field="task").validate_config(config)
+  task_class = tasks.REGISTRY.get(config.task, field="task")
+  task_class.validate_config(config)
   for field in ("total_steps", "log_training_steps", "seed"):
     _check_type(config, field, (int,), required=field == "total_steps",
                 positive=field != "seed")
@@ -127,7 +128,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"Config field {field!r} must be in [0, 1], got {config.get(field)!r}.")
   if config.get("ema_decay_end") is not None and not config.get("ema_decay"):
     raise ValueError("Config field 'ema_decay_end' needs 'ema_decay' (the decay at step 0).")
-  task_class = tasks.REGISTRY.get(config.task, field="task")
   unknown_inputs = set(task_class.loss_inputs) - set(LOSS_INPUTS)
   if unknown_inputs:
     raise ValueError(f"Task {config.task!r} asks for loss inputs {sorted(unknown_inputs)}; the "

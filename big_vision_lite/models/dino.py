@@ -7,7 +7,7 @@ packed NaViT inputs pass through (`segment_ids`, `positions`, `image_sizes` keyw
 give out [B, S, K], one row per image slot. The head (`DINOHead`): an MLP of `head_layers`
 Dense layers (hidden `hidden_dim`, GELU) down to `bottleneck_dim`, L2 normalisation, then a
 weight-normalised Dense without bias to `out_dim`, whose per-output norm is frozen to 1
-(`norm_last_layer`, the paper's default) or learned (param `last_layer/scale`).
+(`norm_last_layer`, the paper's default) or learned (param `last_layer_scale`).
 
 aux: the backbone's aux (for a ViT: "attention" on request, "encoded", ...), with
 "pre_logits" = the backbone's pooled feature [B, D] (what k-NN and linear probes read).

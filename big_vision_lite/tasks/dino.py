@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from big_vision_lite.models import dino as dino_model
 from big_vision_lite.models import navit
 from big_vision_lite.tasks import REGISTRY
 from big_vision_lite.tasks.base import Task
@@ -116,10 +117,7 @@ class DINO(Task):
       raise ValueError(f"Config field 'model_name' must be 'dino' for the dino task, got "
                        f"{config.get('model_name')!r}.")
     opts = options(config)
-    if not config.get("ema_decay"):
-      raise ValueError("The dino task's teacher is the EMA of the params: set config field "
-                       "'ema_decay' (the paper: 0.996, with 'ema_decay_end' 1.0).")
-    backbone_name = (config.get("model") or {}).get("backbone_name", "vit")
+    backbone_name = dino_model.backbone(config.get("model") or {})
     if opts["packed"] and backbone_name != "navit":
       raise ValueError(f"Config field 'dino.packed' needs model.backbone_name='navit' (packed "
                        f"sequences with segment-masked attention), got {backbone_name!r}.")
