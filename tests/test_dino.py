@@ -14,6 +14,7 @@ from big_vision_lite import optimizer as optimizer_lib
 from big_vision_lite import sharding
 from big_vision_lite import tasks
 from big_vision_lite import train
+from big_vision_lite.losses import dino as dino_losses
 from big_vision_lite.models import dino as dino_model
 from big_vision_lite.tasks import dino as dino_task
 
@@ -47,7 +48,8 @@ def random_batch(batch: int = 4, num_local: int = 2, seed: int = 0) -> dict[str,
 
 
 def naive_dino_loss(student, teacher, center, student_temp, teacher_temp):
-  """The official DINOLoss.forward, loop by loop, in float64 numpy."""
+  """The official DINOLoss.forward, loop by loop, in float64 numpy; student [V, B, K],
+  teacher [T, B, K] (the official chunks: crop-major)."""
   def softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -55,11 +57,11 @@ def naive_dino_loss(student, teacher, center, student_temp, teacher_temp):
   targets = softmax((teacher - center) / teacher_temp)
   log_probs = np.log(softmax(student / student_temp))
   total, pairs = 0.0, 0
-  for i in range(teacher.shape[1]):
-    for v in range(student.shape[1]):
+  for i in range(teacher.shape[0]):
+    for v in range(student.shape[0]):
       if v == i:
         continue
-      total += np.sum(-targets[:, i] * log_probs[:, v], axis=-1).mean()
+      total += np.sum(-targets[i] * log_probs[v], axis=-1).mean()
       pairs += 1
   return total / pairs
 
@@ -67,17 +69,18 @@ def naive_dino_loss(student, teacher, center, student_temp, teacher_temp):
 @pytest.mark.parametrize("num_local", [0, 3])
 def test_loss_matches_naive_official_loop(num_local):
   rng = np.random.default_rng(1)
-  student = rng.normal(size=(5, 2 + num_local, 7)) * 3
-  teacher = rng.normal(size=(5, 2, 7)) * 3
+  student = rng.normal(size=(2 + num_local, 5, 7)) * 3
+  teacher = rng.normal(size=(2, 5, 7)) * 3
   center = rng.normal(size=(7,))
-  got = dino_task.dino_loss(jnp.asarray(student, jnp.float32), jnp.asarray(teacher, jnp.float32),
-                            jnp.asarray(center, jnp.float32), 0.1, 0.04)
+  got = dino_losses.dino_loss(jnp.asarray(student, jnp.float32),
+                              jnp.asarray(teacher, jnp.float32), jnp.asarray(center, jnp.float32),
+                              student_temp=0.1, teacher_temp=0.04)
   np.testing.assert_allclose(got, naive_dino_loss(student, teacher, center, 0.1, 0.04),
                              rtol=1e-5)
   # The same-view pairs are skipped: student crop i = teacher crop i changes nothing when
   # they are the only pairs that moved.
   moved = student.copy()
-  moved[:, :2] += rng.normal(size=(5, 2, 7))
+  moved[:2] += rng.normal(size=(2, 5, 7))
   assert not np.isclose(naive_dino_loss(moved, teacher, center, 0.1, 0.04),
                         naive_dino_loss(student, teacher, center, 0.1, 0.04))
 

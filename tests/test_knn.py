@@ -76,6 +76,15 @@ def numpy_knn(train, train_labels, test, k, temperature):
   return neighbours, scores
 
 
+@pytest.mark.parametrize("kind,k", [("quantized", 20), ("quantized", 1), ("normal", 40)])
+def test_knn_predict_matches_brute_force(kind, k):
+  train, train_labels, test, _ = fixed_split(3, kind)
+  _, expected = numpy_knn(train, train_labels, test, min(k, len(train)), 0.07)
+  got = knn.knn_predict(train * 3.0, train_labels, test, num_classes=NUM_CLASSES, k=k,
+                        temperature=0.07)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+
+
 def rank_classes(scores: np.ndarray) -> np.ndarray:
   """Classes [Q, C] by descending score, equal scores by lower class id."""
   classes = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)

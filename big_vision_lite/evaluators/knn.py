@@ -164,6 +164,23 @@ def knn_class_scores(sims: jax.Array, labels: jax.Array, temperature: float,
                            jnp.zeros((sims.shape[0], num_classes), jnp.float32))
 
 
+def knn_predict(train_features: jax.Array, train_labels: jax.Array, test_features: jax.Array,
+                *, num_classes: int, k: int = 20, temperature: float = 0.07) -> jax.Array:
+  """Class scores [N_test, num_classes] of DINO's weighted k-NN on one device, for
+  train_features [N_train, D], int train_labels [N_train], test_features [N_test, D]:
+  features L2-normalised, cosine similarity, each of the k most similar train examples
+  (equal similarities: the lower index) adds exp(similarity / temperature) to its label.
+  (`KnnEvaluator` computes the same scores over a sharded bank.)"""
+  normalize = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  sims = jnp.dot(normalize(jnp.asarray(test_features, jnp.float32)),
+                 normalize(jnp.asarray(train_features, jnp.float32)).T,
+                 precision=jax.lax.Precision.HIGHEST)  # [N_test, N_train]
+  top_sims, index = jax.lax.top_k(sims, min(k, sims.shape[1]))  # [N_test, k]
+  labels = jnp.asarray(train_labels, jnp.int32)[index]
+  scores = knn_class_scores(top_sims, labels, temperature, num_classes)
+  return scores * jnp.exp(top_sims[:, :1] / temperature)  # The factor knn_class_scores drops.
+
+
 def top1_top5_hits(scores: jax.Array, labels: jax.Array, num_top5: int) -> tuple[jax.Array,
                                                                                  jax.Array]:
   """Per-row top-1 and top-`num_top5` hits [Q] of class scores [Q, C] for int labels [Q];

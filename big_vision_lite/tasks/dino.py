@@ -4,8 +4,8 @@ Batch (pp op `multicrop`): `global_crops` [B, 2, g, g, 3] and `local_crops` [B, 
 (N may be 0). The student (`params`) sees every crop; the teacher is the EMA of the
 student (the train state's `ema_params`: config fields `ema_decay` 0.996 and
 `ema_decay_end` 1.0 give the paper's cosine momentum) and sees the global crops only,
-without gradient. `dino_loss`: for every (teacher global crop i, student crop v != i),
-the cross-entropy between softmax((teacher - center) / t_teacher) and
+without gradient. `losses.dino.dino_loss`: for every (teacher global crop i, student
+crop v != i), the cross-entropy between softmax((teacher - center) / t_teacher) and
 softmax(student / t_student), averaged over pairs and over the batch. The center is an
 EMA (`center_momentum`) of the teacher's mean output over the global batch (all devices
 and processes), kept in the extra collection "dino" and so in the checkpoint.
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from big_vision_lite.losses import dino as dino_losses
 from big_vision_lite.models import dino as dino_model
 from big_vision_lite.models import navit
 from big_vision_lite.tasks import REGISTRY
@@ -64,20 +65,6 @@ def teacher_temperature(step: jax.Array, warmup: float, final: float,
     return jnp.asarray(final, jnp.float32)
   progress = jnp.minimum(step, warmup_steps) / warmup_steps
   return warmup + (final - warmup) * progress
-
-
-def dino_loss(student: jax.Array, teacher: jax.Array, center: jax.Array,
-              student_temp: float, teacher_temp: jax.Array | float) -> jax.Array:
-  """student [B, V, K] (V crops, the first T of them the teacher's), teacher [B, T, K],
-  center [K] -> the mean over batch and (teacher crop i, student crop v != i) pairs of
-  H(softmax((teacher_i - center) / teacher_temp), softmax(student_v / student_temp))."""
-  num_teacher, num_student = teacher.shape[1], student.shape[1]
-  targets = jax.nn.softmax((teacher - center) / teacher_temp, axis=-1)  # [B, T, K]
-  log_probs = jax.nn.log_softmax(student / student_temp, axis=-1)  # [B, V, K]
-  cross = -jnp.einsum("btk,bvk->btv", targets, log_probs)  # [B, T, V]
-  other_view = jnp.arange(num_teacher)[:, None] != jnp.arange(num_student)[None, :]  # [T, V]
-  pairs = other_view.sum()
-  return (cross * other_view).sum((1, 2)).mean() / pairs
 
 
 def packed_crops(global_crops: jax.Array, local_crops: jax.Array, patch: int
@@ -180,7 +167,9 @@ class DINO(Task):
     student_out = student_out.astype(jnp.float32)  # [B, T + N, K]
     temperature = teacher_temperature(step, opts["warmup_teacher_temp"], opts["teacher_temp"],
                                       opts["warmup_teacher_temp_steps"])
-    loss = dino_loss(student_out, teacher_out, center, opts["student_temp"], temperature)
+    loss = dino_losses.dino_loss(
+        jnp.swapaxes(student_out, 0, 1), jnp.swapaxes(teacher_out, 0, 1), center,
+        student_temp=opts["student_temp"], teacher_temp=temperature)  # Crop-major.
     # The mean of a batch-sharded array is global: every device's and process's rows count.
     batch_center = teacher_out.mean(axis=(0, 1))  # [K]
     momentum = opts["center_momentum"]
