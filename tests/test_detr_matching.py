@@ -106,6 +106,17 @@ def test_padding_targets_do_not_change_the_real_matches():
     np.testing.assert_array_equal(np.asarray(query_idx)[example, cols], rows)
 
 
+@pytest.mark.parametrize("method", ["optax", "scipy"])
+@pytest.mark.parametrize("value", [0.0, 2.0])
+def test_padding_targets_never_win_a_tie(method, value):
+  """Equal costs everywhere, more targets than queries: the queries go to real targets."""
+  cost = np.full((2, 2, 4), value, np.float32)
+  mask = np.array([[False, False, True, True], [True, False, False, True]])
+  _, _, valid = jax.jit(lambda c, m: detr.batched_hungarian_match(c, m, method=method))(
+      cost, mask)
+  np.testing.assert_array_equal(valid, mask)
+
+
 def test_scipy_callback_and_optax_agree_inside_jit():
   rng = np.random.default_rng(4)
   batch, num_queries, num_classes, num_targets = 4, 6, 3, 4

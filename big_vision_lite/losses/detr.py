@@ -74,7 +74,7 @@ def matching_cost(pred_logits: jax.Array, pred_boxes: jax.Array, target_labels: 
   - giou_weight * GIoU.
 
   pred_logits [B, Q, C + 1] (last class: no object), pred_boxes [B, Q, 4] and target_boxes
-  [B, T, 4] as (cx, cy, w, h), target_labels [B, T] ints in [0, C]. Padding targets may hold
+  [B, T, 4] as (cx, cy, w, h), target_labels [B, T] ints in [0, C). Padding targets may hold
   any label and box (labels are clipped into range); their columns are finite and the
   matchers ignore them through target_mask.
   """
