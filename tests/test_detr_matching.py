@@ -117,13 +117,22 @@ def test_padding_targets_never_win_a_tie(method, value):
   np.testing.assert_array_equal(valid, mask)
 
 
+def random_detections(rng: np.random.Generator, batch: int, num_queries: int, num_classes: int,
+                      num_targets: int, box_range: tuple[float, float]):
+  """(logits [B, Q, C+1], predicted boxes [B, Q, 4], labels [B, T], target boxes [B, T, 4]),
+  box coordinates uniform in box_range."""
+  logits = rng.normal(size=(batch, num_queries, num_classes + 1)).astype(np.float32)
+  pred_boxes = rng.uniform(*box_range, size=(batch, num_queries, 4)).astype(np.float32)
+  labels = rng.integers(0, num_classes, size=(batch, num_targets))
+  target_boxes = rng.uniform(*box_range, size=(batch, num_targets, 4)).astype(np.float32)
+  return logits, pred_boxes, labels, target_boxes
+
+
 def test_scipy_callback_and_optax_agree_inside_jit():
   rng = np.random.default_rng(4)
   batch, num_queries, num_classes, num_targets = 4, 6, 3, 4
-  logits = rng.normal(size=(batch, num_queries, num_classes + 1)).astype(np.float32)
-  pred_boxes = rng.uniform(0.2, 0.5, size=(batch, num_queries, 4)).astype(np.float32)
-  labels = rng.integers(0, num_classes, size=(batch, num_targets))
-  target_boxes = rng.uniform(0.2, 0.5, size=(batch, num_targets, 4)).astype(np.float32)
+  logits, pred_boxes, labels, target_boxes = random_detections(
+      rng, batch, num_queries, num_classes, num_targets, (0.2, 0.5))
   mask = random_masks(rng, batch, num_targets)
 
   @jax.jit
@@ -234,10 +243,8 @@ def test_box_conversions_round_trip_and_area():
 def test_matching_cost_matches_a_naive_loop():
   rng = np.random.default_rng(7)
   batch, num_queries, num_classes, num_targets = 2, 4, 3, 3
-  logits = rng.normal(size=(batch, num_queries, num_classes + 1)).astype(np.float32)
-  pred_boxes = rng.uniform(0.1, 0.6, size=(batch, num_queries, 4)).astype(np.float32)
-  labels = rng.integers(0, num_classes, size=(batch, num_targets))
-  target_boxes = rng.uniform(0.1, 0.6, size=(batch, num_targets, 4)).astype(np.float32)
+  logits, pred_boxes, labels, target_boxes = random_detections(
+      rng, batch, num_queries, num_classes, num_targets, (0.1, 0.6))
   weights = dict(class_weight=1.5, bbox_weight=4.0, giou_weight=2.5)
   cost = jax.jit(lambda *args: detr.matching_cost(*args, **weights))(
       logits, pred_boxes, labels, target_boxes)

@@ -260,6 +260,13 @@ def test_config_errors_name_the_field():
     config_lib.validate(tiny_config(frozen_for_steps=(("head/.*", -1),)))
   with pytest.raises(ValueError, match="backbone.num_classes"):
     dino_model.Model(out_dim=8, backbone=dict(TINY_BACKBONE, num_classes=10))
+  with pytest.raises(ValueError, match="'backbone' must be 'vit' or 'convnext2', got 'resnet'"):
+    dino_config.get_config("backbone=resnet")
+  with pytest.raises(ValueError, match=r"multiples of 32 for backbone=convnext2 .*, got 64 and 16"):
+    dino_config.get_config("backbone=convnext2,variant=atto,global_size=64")
+  with pytest.raises(ValueError, match="'packed' needs backbone=vit"):
+    dino_config.get_config("backbone=convnext2,variant=atto,global_size=64,local_size=32,"
+                           "packed=true")
 
 
 def test_resume_is_exact_with_teacher_center_and_schedules(tmp_path):

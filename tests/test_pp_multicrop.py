@@ -201,10 +201,15 @@ def test_multicrop_shapes_dtypes_and_ranges():
 
 def test_multicrop_is_the_documented_chain_of_ops():
   image = random_image(40, 56)
-  for seed in range(3):
-    out = run("multicrop(24, 12, 3, global_scale=(0.5, 0.9), local_scale=(0.1, 0.3))",
-              {"image": image}, seed)
-    tail = "|flip_lr|color_jitter|random_grayscale|gaussian_blur({})"
+  for seed, jitter, grayscale_p in ((0, None, None), (1, None, None),
+                                    (2, (0.8, 0.8, 0.8, 0.5), 0.5)):
+    options = "" if jitter is None else f", jitter={jitter}, grayscale_p={grayscale_p}"
+    out = run("multicrop(24, 12, 3, global_scale=(0.5, 0.9), local_scale=(0.1, 0.3)"
+              f"{options})", {"image": image}, seed)
+    jitter_op = "color_jitter" if jitter is None else f"color_jitter{jitter}"
+    grayscale_op = ("random_grayscale" if grayscale_p is None
+                    else f"random_grayscale({grayscale_p})")
+    tail = f"|flip_lr|{jitter_op}|{grayscale_op}|gaussian_blur({{}})"
     chains = [f"inception_crop(24, 50, 90, method='bicubic'){tail.format(1.0)}",
               f"inception_crop(24, 50, 90, method='bicubic'){tail.format(0.1)}|solarize(0.2)"
               ] + [f"inception_crop(12, 10, 30, method='bicubic'){tail.format(0.5)}"] * 3
@@ -263,6 +268,9 @@ def test_multicrop_repeats_per_seed_and_differs_across_seeds():
     ("multicrop(16, 8, 2, local_scale=(0, 0.4))", r"local_scale must be .*got \(0, 0.4\)"),
     ("multicrop(16, 8, 2, blur_sigma=(2, 1))", r"blur_sigma must be \(min, max\) in pixels"),
     ("multicrop(16, 8, 2, method='cubic')", r"method must be one of"),
+    ("multicrop(16, 8, 2, jitter=(0.4, 0.4))", r"jitter must be \(brightness, contrast, "),
+    ("multicrop(16, 8, 2, jitter=(0.4, 0.4, 0.2, 0.7))", r"hue must be a number in \[0, 0.5\]"),
+    ("multicrop(16, 8, 2, grayscale_p=1.5)", r"random_grayscale: p must be"),
     ("color_jitter(p=1.5)", r"color_jitter: p must be a probability in \[0, 1\]; got 1.5"),
     ("color_jitter(brightness=-0.1)", r"brightness must be a number >= 0; got -0.1"),
     ("color_jitter(hue=0.6)", r"hue must be a number in \[0, 0.5\]; got 0.6"),

@@ -472,16 +472,19 @@ def _check_scale(name: str, scale: Any) -> tuple[float, float]:
 def multicrop(global_size: int, local_size: int, num_local: int,
               global_scale: Sequence[float] = (0.4, 1.0),
               local_scale: Sequence[float] = (0.05, 0.4),
-              blur_sigma: Sequence[float] = (0.1, 2.0), vmin: float = -1, vmax: float = 1,
-              key: str = "image", method: str = "bicubic") -> OpFn:
+              blur_sigma: Sequence[float] = (0.1, 2.0),
+              jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1), grayscale_p: float = 0.2,
+              vmin: float = -1, vmax: float = 1, key: str = "image",
+              method: str = "bicubic") -> OpFn:
   """DINO's multi-crop: uint8 example[key] -> "global_crops" [2, g, g, 3] and
   "local_crops" [num_local, l, l, 3], float32 in [vmin, vmax]; removes example[key].
 
   Each crop, drawn in turn from the one `rng` (global 1, global 2, then the local ones), is
-  `inception_crop(size, 100 * scale[0], 100 * scale[1], method)|flip_lr|color_jitter|
-  random_grayscale|gaussian_blur(b, *blur_sigma)`, then for global 2 `solarize(0.2)`, then
-  `value_range(vmin, vmax)`; blur b = 1.0 (global 1), 0.1 (global 2), 0.5 (local).
-  Scales are area fractions of the image; blur sigmas are in pixels.
+  `inception_crop(size, 100 * scale[0], 100 * scale[1], method)|flip_lr|color_jitter(*jitter)|
+  random_grayscale(grayscale_p)|gaussian_blur(b, *blur_sigma)`, then for global 2
+  `solarize(0.2)`, then `value_range(vmin, vmax)`; blur b = 1.0 (global 1), 0.1 (global 2),
+  0.5 (local). Scales are area fractions of the image; blur sigmas are in pixels; `jitter` is
+  color_jitter's (brightness, contrast, saturation, hue), the paper's by default.
   """
   global_size = _check_size("global_size", global_size)
   local_size = _check_size("local_size", local_size)
@@ -495,10 +498,15 @@ def multicrop(global_size: int, local_size: int, num_local: int,
     raise ValueError("pp op multicrop: blur_sigma must be (min, max) in pixels with "
                      f"0 <= min <= max; got {blur_sigma!r}.")
   _check_method(method)
+  if not (isinstance(jitter, (tuple, list)) and len(jitter) == 4):
+    raise ValueError("pp op multicrop: jitter must be (brightness, contrast, saturation, "
+                     f"hue); got {jitter!r}.")
+  jitter_op = color_jitter(*jitter, key=key)  # Checks each strength.
+  grayscale_op = random_grayscale(grayscale_p, key=key)
 
   def pipeline(size, scale, blur_p, solarize_p=0.0):
     ops = [inception_crop(size, 100 * scale[0], 100 * scale[1], key, method), flip_lr(key),
-           color_jitter(key=key), random_grayscale(key=key),
+           jitter_op, grayscale_op,
            gaussian_blur(blur_p, *blur_sigma, key=key)]
     if solarize_p:
       ops.append(solarize(solarize_p, key=key))
