@@ -134,9 +134,16 @@ def num_examples(data: Mapping[str, Any]) -> int:
 
 
 def _check_arrays(example: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The example as flat numeric arrays; a nested dict or non-numeric value raises."""
   out = {}
   for key, value in example.items():
-    array = None if isinstance(value, (list, dict)) else np.asarray(value)
+    if isinstance(value, dict):
+      raise ValueError(
+          f"After preprocessing, example key {key!r} is a nested dict (keys {sorted(value)}); "
+          "batches hold flat numeric arrays only. For detection objects end the pp string "
+          "with to_cxcywh|pad_boxes(max_boxes) (flat 'boxes', 'labels', 'box_mask'); "
+          "otherwise drop it with keep(...) or drop(...).")
+    array = None if isinstance(value, list) else np.asarray(value)
     if array is None or array.dtype == object or array.dtype.kind in "SU":
       raise ValueError(f"After preprocessing, example key {key!r} is not a numeric array "
                        f"({type(value).__name__}); drop it with keep(...) or drop(...) at the "
@@ -153,7 +160,8 @@ def _stack(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if len(shapes_seen) > 1:
       raise ValueError(f"Example key {key!r} has different shapes within a batch "
                        f"({sorted(shapes_seen)[:4]}); make them equal in the pp string, e.g. "
-                       "with resize(...) or a crop.")
+                       "with resize(...) or a crop (pad_image(size) and pad_boxes(max_boxes) "
+                       "for detection).")
     batch[key] = np.stack([ex[key] for ex in examples])
   return batch
 
@@ -191,7 +199,7 @@ def _check_like(example: dict[str, np.ndarray],
           f"example key {key!r} has shape {example[key].shape} {example[key].dtype}, unlike "
           f"the first good record's {shape} {dtype}: examples of different shapes cannot be "
           "batched (if most records differ, make them equal in the pp string, e.g. with "
-          "resize(...) or a crop)")
+          "resize(...) or a crop; pad_image(size) and pad_boxes(max_boxes) for detection)")
 
 
 def _train_stream(data: Mapping[str, Any], seed: int,

@@ -15,6 +15,28 @@ Self-supervised augmentation (on uint8, before value_range): `color_jitter`,
 `random_grayscale`, `gaussian_blur`, `solarize` (torchvision's / the official DINO code's
 definitions, each applied with a probability p), and `multicrop`, which turns one image into
 DINO's "global_crops" [2, g, g, 3] and "local_crops" [N, l, l, 3] float32.
+
+Detection. Boxes travel through the geometric ops as tfds gives them, in the nested dict
+`example["objects"]` = {"bbox": [n, 4] float32 (ymin, xmin, ymax, xmax) normalised to [0, 1]
+by the image's height and width, "label": [n], and any other per-object arrays, e.g. coco's
+"is_crowd", "area", "id"}. Every op that moves pixels moves these boxes with the image when
+"objects" is present: `flip_lr` mirrors them; `random_crop`, `central_crop`,
+`inception_crop` and `random_size_crop` clip them to the crop and drop (with all their
+per-object arrays) those left with no area; resizes keep normalised boxes as they are.
+The batcher takes flat numeric arrays only, so a detection pp string ends with
+`to_cxcywh|pad_boxes(T)`, which replaces "objects" by flat keys (a leftover nested dict is
+an error naming it). The DETR ops, in pipeline order:
+  orig_size          "orig_size" int32 [2] = the current image's (H, W) (put after decode)
+  filter_objects     drops crowd objects (coco's "is_crowd") and boxes of no area
+  random_resize      DETR's RandomResize: shorter side to one of `sizes`, longer <= max_size
+  random_size_crop   DETR's RandomSizeCrop(min_size, max_size)
+  random_select      DETR's RandomSelect: one of two pp strings, the first with p
+  to_cxcywh          objects -> "boxes" [n, 4] float32 (cx, cy, w, h) in [0, 1], "labels"
+                     [n] int32 (and "is_crowd" [n] bool if present); removes "objects"
+  pad_boxes          pads those to max_boxes T rows (zeros) with "box_mask" [T] bool; more
+                     than T boxes is an error naming the op and the count (no truncation)
+  pad_image          pads the image bottom/right with zeros to S x S, "pixel_mask" [S, S]
+                     bool (True on real pixels); boxes stay normalised by the unpadded image
 """
 import ast
 import inspect
@@ -95,8 +117,9 @@ def _parse(pp: str) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
 
 def validate(pp: str) -> None:
   """Checks that `pp` parses, names known ops (ValueError listing them otherwise) and gives
-  them arguments their signatures accept; runs nothing."""
-  _parse(pp)
+  them arguments their signatures and factories accept; runs no op on data."""
+  for name, args, kwargs in _parse(pp):
+    OPS.get(name)(*args, **kwargs)
 
 
 def get_preprocess_fn(pp: str) -> OpFn:
@@ -185,6 +208,45 @@ def _crop(image: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
   return image[top:top + h, left:left + w]
 
 
+OBJECTS = "objects"  # The nested per-object dict, as tfds names it.
+
+
+def _bbox(objects: Any, op: str) -> np.ndarray:
+  """objects["bbox"] as [n, 4] float64, checked."""
+  if not isinstance(objects, dict) or "bbox" not in objects:
+    raise ValueError(f"pp op {op}: example key {OBJECTS!r} must be a dict with 'bbox' [n, 4] "
+                     f"(ymin, xmin, ymax, xmax) in [0, 1], got {type(objects).__name__}"
+                     f"{' with keys ' + str(sorted(objects)) if isinstance(objects, dict) else ''}.")
+  return np.asarray(objects["bbox"], np.float64).reshape(-1, 4)
+
+
+def _select(objects: dict[str, Any], keep: np.ndarray) -> dict[str, np.ndarray]:
+  """The objects where `keep` [n] is True, every per-object array alike."""
+  return {k: np.asarray(v)[keep] for k, v in objects.items()}
+
+
+def _crop_objects(example: Example, window: tuple[int, int, int, int],
+                  image_hw: tuple[int, int], op: str) -> Example:
+  """Moves example["objects"] (if any) into the crop `window` (top, left, h, w) of an image
+  of `image_hw`: boxes clipped to it and renormalised; those left with no area dropped."""
+  if OBJECTS not in example:
+    return example
+  top, left, h, w = window
+  boxes = _bbox(example[OBJECTS], op) * np.tile(image_hw, 2)  # [n, 4] pixels
+  cropped = np.clip((boxes - [top, left, top, left]) / [h, w, h, w], 0, 1)
+  keep = (cropped[:, 2] > cropped[:, 0]) & (cropped[:, 3] > cropped[:, 1])
+  objects = _select(example[OBJECTS], keep)
+  objects["bbox"] = cropped[keep].astype(np.float32)
+  return dict(example, **{OBJECTS: objects})
+
+
+def _crop_example(example: Example, key: str, image: np.ndarray,
+                  window: tuple[int, int, int, int], op: str) -> Example:
+  """example with example[key] = the `window` (top, left, h, w) of `image`, boxes moved."""
+  example = _crop_objects(example, window, image.shape[:2], op)
+  return dict(example, **{key: _crop(image, *window)})
+
+
 @OPS.register("central_crop")
 def central_crop(size: int | Sequence[int], key: str = "image") -> OpFn:
   """Crops the central `size` window (the image must be at least that large)."""
@@ -195,7 +257,7 @@ def central_crop(size: int | Sequence[int], key: str = "image") -> OpFn:
     if image.shape[0] < h or image.shape[1] < w:
       raise ValueError(f"central_crop({size}): image {image.shape} is smaller.")
     top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
-    return dict(example, **{key: _crop(image, top, left, h, w)})
+    return _crop_example(example, key, image, (top, left, h, w), "central_crop")
   return fn
 
 
@@ -209,7 +271,7 @@ def random_crop(size: int | Sequence[int], key: str = "image") -> OpFn:
       raise ValueError(f"random_crop({size}): image {image.shape} is smaller.")
     top = int(rng.integers(0, image.shape[0] - h + 1))
     left = int(rng.integers(0, image.shape[1] - w + 1))
-    return dict(example, **{key: _crop(image, top, left, h, w)})
+    return _crop_example(example, key, image, (top, left, h, w), "random_crop")
   return fn
 
 
@@ -236,19 +298,27 @@ def inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
   _check_method(method)
   def fn(example, rng):
     image = _check_image(example[key], key)
-    image = _crop(image, *inception_box(*image.shape[:2], area_min, area_max, rng))
+    window = inception_box(*image.shape[:2], area_min, area_max, rng)
+    example = _crop_example(example, key, image, window, "inception_crop")
     if size is not None:
-      image = resize_image(image, *_hw(size), method)
-    return dict(example, **{key: image})
+      example[key] = resize_image(example[key], *_hw(size), method)
+    return example
   return fn
 
 
 @OPS.register("flip_lr")
 def flip_lr(key: str = "image") -> OpFn:
-  """Flips left-right with probability 1/2."""
+  """Flips left-right with probability 1/2 (and example["objects"]'s boxes with it)."""
   def fn(example, rng):
     image = _check_image(example[key], key)
-    return dict(example, **{key: image[:, ::-1] if rng.random() < 0.5 else image})
+    if rng.random() >= 0.5:
+      return example
+    if OBJECTS in example:
+      boxes = _bbox(example[OBJECTS], "flip_lr")  # [n, 4] (ymin, xmin, ymax, xmax)
+      flipped = np.stack([boxes[:, 0], 1 - boxes[:, 3], boxes[:, 2], 1 - boxes[:, 1]], -1)
+      example = dict(example, **{OBJECTS: dict(example[OBJECTS],
+                                               bbox=flipped.astype(np.float32))})
+    return dict(example, **{key: image[:, ::-1]})
   return fn
 
 
@@ -529,4 +599,193 @@ def multicrop(global_size: int, local_size: int, num_local: int,
       local_crops[i] = augmented_crop(local_pipeline)
     out = {k: v for k, v in example.items() if k != key}
     return dict(out, global_crops=global_crops, local_crops=local_crops)
+  return fn
+
+
+def _check_positive_int(op: str, name: str, value: Any) -> int:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"pp op {op}: {name} must be an int > 0; got {value!r}.")
+  return value
+
+
+@OPS.register("orig_size")
+def orig_size(key: str = "image", key_result: str = "orig_size") -> OpFn:
+  """example[key_result] = int32 [2] (height, width) of example[key] (put after decode)."""
+  def fn(example, rng):
+    del rng
+    image = _check_image(example[key], key)
+    return dict(example, **{key_result: np.asarray(image.shape[:2], np.int32)})
+  return fn
+
+
+@OPS.register("filter_objects")
+def filter_objects(drop_crowd: bool = True, drop_empty: bool = True) -> OpFn:
+  """Drops from example["objects"] those marked "is_crowd" (when that key is present, as in
+  tfds coco) and those whose box has no width or height, as DETR's COCO loader does."""
+  for name, value in (("drop_crowd", drop_crowd), ("drop_empty", drop_empty)):
+    if not isinstance(value, bool):
+      raise ValueError(f"pp op filter_objects: {name} must be True or False; got {value!r}.")
+  def fn(example, rng):
+    del rng
+    objects = example[OBJECTS]
+    boxes = _bbox(objects, "filter_objects")
+    keep = np.ones(len(boxes), bool)
+    if drop_crowd and "is_crowd" in objects:
+      keep &= ~np.asarray(objects["is_crowd"], bool).reshape(-1)
+    if drop_empty:
+      keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return dict(example, **{OBJECTS: _select(objects, keep)})
+  return fn
+
+
+def detr_resized_hw(height: int, width: int, size: int, max_size: int | None
+                    ) -> tuple[int, int]:
+  """DETR's get_size_with_aspect_ratio: (h, w) with the shorter side `size`, lowered (to
+  round(max_size * short / long)) if the longer side would pass `max_size`; the longer side
+  is truncated to int. Unlike DETR's, the longer side is then clipped to `max_size`, which
+  that rounding can pass by a pixel."""
+  short, long = min(height, width), max(height, width)
+  limit = long if max_size is None else max_size
+  if max_size is not None and long / short * size > max_size:
+    size = int(round(max_size * short / long))
+  if short == size:
+    return height, width
+  if width < height:
+    return min(int(size * height / width), limit), size
+  return size, min(int(size * width / height), limit)
+
+
+@OPS.register("random_resize")
+def random_resize(sizes: int | Sequence[int], max_size: int | None = None, key: str = "image",
+                  method: str = "bilinear") -> OpFn:
+  """DETR's RandomResize: the shorter side to one of `sizes` (uniformly drawn; an int is one
+  size), the longer side then capped at `max_size` (see `detr_resized_hw`). Normalised boxes
+  in example["objects"] need no change."""
+  choices = (sizes,) if isinstance(sizes, int) and not isinstance(sizes, bool) else sizes
+  if not (isinstance(choices, (tuple, list)) and choices and all(
+      isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in choices)):
+    raise ValueError("pp op random_resize: sizes must be an int > 0 or a non-empty list of "
+                     f"ints > 0; got {sizes!r}.")
+  if max_size is not None:
+    _check_positive_int("random_resize", "max_size", max_size)
+  _check_method(method)
+  def fn(example, rng):
+    image = _check_image(example[key], key)
+    size = choices[int(rng.integers(len(choices)))]
+    h, w = detr_resized_hw(*image.shape[:2], size, max_size)
+    return dict(example, **{key: resize_image(image, h, w, method)})
+  return fn
+
+
+@OPS.register("random_size_crop")
+def random_size_crop(min_size: int, max_size: int, key: str = "image") -> OpFn:
+  """DETR's RandomSizeCrop: a crop of width uniform in [min_size, min(W, max_size)], then
+  height likewise in [min_size, min(H, max_size)] (a side shorter than min_size is kept
+  whole), uniformly placed; boxes in example["objects"] are clipped to it and those left
+  with no area dropped with their labels."""
+  _check_positive_int("random_size_crop", "min_size", min_size)
+  _check_positive_int("random_size_crop", "max_size", max_size)
+  if min_size > max_size:
+    raise ValueError(f"pp op random_size_crop: min_size must be <= max_size; got {min_size!r} "
+                     f"and {max_size!r}.")
+  def fn(example, rng):
+    image = _check_image(example[key], key)
+    height, width = image.shape[:2]
+    w = int(rng.integers(min(min_size, width), min(width, max_size) + 1))
+    h = int(rng.integers(min(min_size, height), min(height, max_size) + 1))
+    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    return _crop_example(example, key, image, (top, left, h, w), "random_size_crop")
+  return fn
+
+
+@OPS.register("random_select")
+def random_select(first: str, second: str, p: float = 0.5) -> OpFn:
+  """DETR's RandomSelect: runs pp string `first` with probability p, else `second`."""
+  p = _check_probability("random_select", "p", p)
+  branches = []
+  for name, pp in (("first", first), ("second", second)):
+    if not isinstance(pp, str):
+      raise ValueError(f"pp op random_select: {name} must be a pp string; got {pp!r}.")
+    try:
+      branches.append(get_preprocess_fn(pp))
+    except ValueError as e:
+      raise ValueError(f"pp op random_select: {name} {pp!r}: {e}") from None
+  def fn(example, rng):
+    return branches[0 if rng.random() < p else 1](example, rng)
+  return fn
+
+
+@OPS.register("to_cxcywh")
+def to_cxcywh() -> OpFn:
+  """example["objects"] -> "boxes" [n, 4] float32 (cx, cy, w, h), normalised by the current
+  image's width and height, "labels" [n] int32 and, when the objects have it, "is_crowd"
+  [n] bool; removes "objects"."""
+  def fn(example, rng):
+    del rng
+    objects = example[OBJECTS]
+    ymin, xmin, ymax, xmax = _bbox(objects, "to_cxcywh").T
+    if "label" not in objects:
+      raise ValueError(f"pp op to_cxcywh: example[{OBJECTS!r}] has no 'label' (has "
+                       f"{sorted(objects)}).")
+    boxes = np.stack([(xmin + xmax) / 2, (ymin + ymax) / 2, xmax - xmin, ymax - ymin], -1)
+    out = {k: v for k, v in example.items() if k != OBJECTS}
+    out["boxes"] = boxes.astype(np.float32).reshape(-1, 4)
+    out["labels"] = np.asarray(objects["label"], np.int32).reshape(-1)
+    if "is_crowd" in objects:
+      out["is_crowd"] = np.asarray(objects["is_crowd"], bool).reshape(-1)
+    return out
+  return fn
+
+
+@OPS.register("pad_boxes")
+def pad_boxes(max_boxes: int) -> OpFn:
+  """Pads "boxes" [n, 4], "labels" [n] (and "is_crowd" [n] if present) with zeros to
+  max_boxes rows and adds "box_mask" [max_boxes] bool (True on the n real boxes); n >
+  max_boxes raises (nothing is truncated)."""
+  _check_positive_int("pad_boxes", "max_boxes", max_boxes)
+  def fn(example, rng):
+    del rng
+    if "boxes" not in example or "labels" not in example:
+      raise ValueError(f"pp op pad_boxes({max_boxes}): the example has no 'boxes' and 'labels' "
+                       f"(has {sorted(example)}); put to_cxcywh before it.")
+    count = len(example["boxes"])
+    if count > max_boxes:
+      raise ValueError(f"pp op pad_boxes({max_boxes}): an image has {count} boxes, more than "
+                       f"max_boxes={max_boxes}; raise max_boxes.")
+    out = dict(example, box_mask=np.arange(max_boxes) < count)
+    for key in ("boxes", "labels", "is_crowd"):
+      if key in example:
+        value = np.asarray(example[key])
+        padded = np.zeros((max_boxes,) + value.shape[1:], value.dtype)
+        padded[:count] = value
+        out[key] = padded
+    return out
+  return fn
+
+
+@OPS.register("pad_image")
+def pad_image(size: int | Sequence[int], key: str = "image",
+              key_mask: str = "pixel_mask") -> OpFn:
+  """Pads example[key] at the bottom and right with zeros to `size` (int: square) and adds
+  example[key_mask] [h, w] bool, True on the image's own pixels; a larger image raises."""
+  sides = (size,) if isinstance(size, int) else size
+  if not (isinstance(sides, (tuple, list)) and len(sides) in (1, 2)) or any(
+      not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in sides) or (
+          len(sides) == 1 and not isinstance(size, int)):
+    raise ValueError(f"pp op pad_image: size must be an int > 0 or (height, width) ints > 0; "
+                     f"got {size!r}.")
+  h, w = _hw(size)
+  def fn(example, rng):
+    del rng
+    image = _check_image(example[key], key)
+    height, width = image.shape[:2]
+    if height > h or width > w:
+      raise ValueError(f"pp op pad_image({size}): image {key!r} is {height}x{width} (HxW), "
+                       f"larger than {h}x{w}; resize it first (e.g. random_resize with "
+                       f"max_size <= {min(h, w)}).")
+    padded = np.zeros((h, w, 3), image.dtype)
+    padded[:height, :width] = image
+    mask = np.zeros((h, w), bool)
+    mask[:height, :width] = True
+    return dict(example, **{key: padded, key_mask: mask})
   return fn
