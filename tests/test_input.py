@@ -175,3 +175,20 @@ def test_pipeline_errors(data_dir):
   with pytest.raises(ValueError, match=r"key 'image' has shape .* different shapes cannot be "
                      "batched"):
     next(data.make_train_iterator(spec, 'decode|keep("image")', 4, seed=0))
+
+
+def test_nested_features_must_be_flattened_before_batching(data_dir):
+  """tfds's nested "objects" reach the pp ops; a batch takes them once flat and padded."""
+  message = (r"key 'objects' is a nested dict \(keys \['bbox', 'label'\]\); batches hold "
+             r"flat numeric arrays only\. .*to_cxcywh\|pad_boxes\(max_boxes\)")
+  nested = 'decode|resize(8)|keep("image", "objects")'
+  with pytest.raises(ValueError, match=message):
+    next(data.make_train_iterator(tiny(data_dir), nested, 4, seed=0))
+  with pytest.raises(ValueError, match=message):
+    next(data.make_eval_iterator(tiny(data_dir, "test"), nested, 4))
+  flat = next(data.make_eval_iterator(tiny(data_dir, "test[:4]"),
+                                      nested + "|to_cxcywh|pad_boxes(3)", 4))
+  source = data.get_source(tiny(data_dir, "test[:4]"))
+  assert flat["boxes"].shape == (4, 3, 4) and flat["labels"].shape == (4, 3)
+  np.testing.assert_array_equal(flat["box_mask"].sum(1),
+                                [len(source[i]["objects"]["label"]) for i in range(4)])

@@ -209,6 +209,7 @@ def _crop(image: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
 
 
 OBJECTS = "objects"  # The nested per-object dict, as tfds names it.
+MIN_BOX_PIXELS = 1e-3  # Crops drop boxes thinner than this (float32 rounding, not content).
 
 
 def _bbox(objects: Any, op: str) -> np.ndarray:
@@ -228,15 +229,17 @@ def _select(objects: dict[str, Any], keep: np.ndarray) -> dict[str, np.ndarray]:
 def _crop_objects(example: Example, window: tuple[int, int, int, int],
                   image_hw: tuple[int, int], op: str) -> Example:
   """Moves example["objects"] (if any) into the crop `window` (top, left, h, w) of an image
-  of `image_hw`: boxes clipped to it and renormalised; those left with no area dropped."""
+  of `image_hw`: boxes clipped to it and renormalised; those left with no area (less than
+  MIN_BOX_PIXELS of height or width: float32 boxes on a crop edge) dropped."""
   if OBJECTS not in example:
     return example
   top, left, h, w = window
   boxes = _bbox(example[OBJECTS], op) * np.tile(image_hw, 2)  # [n, 4] pixels
-  cropped = np.clip((boxes - [top, left, top, left]) / [h, w, h, w], 0, 1)
-  keep = (cropped[:, 2] > cropped[:, 0]) & (cropped[:, 3] > cropped[:, 1])
+  clipped = np.clip(boxes - [top, left, top, left], 0, [h, w, h, w])  # [n, 4] crop pixels
+  keep = ((clipped[:, 2] - clipped[:, 0] > MIN_BOX_PIXELS)
+          & (clipped[:, 3] - clipped[:, 1] > MIN_BOX_PIXELS))
   objects = _select(example[OBJECTS], keep)
-  objects["bbox"] = cropped[keep].astype(np.float32)
+  objects["bbox"] = (clipped[keep] / [h, w, h, w]).astype(np.float32)
   return dict(example, **{OBJECTS: objects})
 
 
@@ -645,14 +648,14 @@ def detr_resized_hw(height: int, width: int, size: int, max_size: int | None
   is truncated to int. Unlike DETR's, the longer side is then clipped to `max_size`, which
   that rounding can pass by a pixel."""
   short, long = min(height, width), max(height, width)
-  limit = long if max_size is None else max_size
+  limit = np.inf if max_size is None else max_size
   if max_size is not None and long / short * size > max_size:
     size = int(round(max_size * short / long))
   if short == size:
     return height, width
   if width < height:
-    return min(int(size * height / width), limit), size
-  return size, min(int(size * width / height), limit)
+    return int(min(size * height / width, limit)), size
+  return size, int(min(size * width / height, limit))
 
 
 @OPS.register("random_resize")
