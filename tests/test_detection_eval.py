@@ -59,10 +59,12 @@ def to_cxcywh(xyxy: np.ndarray) -> np.ndarray:
                         axis=-1)
 
 
-def random_split(seed: int = 0) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+def random_split(seed: int = 0, crowd_and_area: bool = False
+                 ) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
   """(records in the data contract, model tables): non-square images of 40..400 pixels, 0 to
   SLOTS boxes (images 2 and 7 none, the last one SLOTS), predictions near the ground truth
-  (jittered, some with a wrong class) or random."""
+  (jittered, some with a wrong class) or random. `crowd_and_area`: records also carry
+  "is_crowd" (a third of the boxes) and "area" (a random fraction of the box's)."""
   rng = np.random.default_rng(seed)
   records = []
   logits = rng.normal(0, 2, (NUM_IMAGES, NUM_QUERIES, NUM_CLASSES + 1))
@@ -82,24 +84,33 @@ def random_split(seed: int = 0) -> tuple[list[dict[str, np.ndarray]], dict[str, 
                     "boxes": gt.astype(np.float32), "labels": labels,
                     "box_mask": np.arange(SLOTS) < count,
                     "orig_size": rng.integers(40, 401, 2).astype(np.int32)})
-  tables = {"logits": logits.astype(np.float32), "boxes": np.clip(boxes, 0, 1).astype(np.float32)}
+    if crowd_and_area:
+      height, width = records[-1]["orig_size"]
+      records[-1]["is_crowd"] = records[-1]["box_mask"] & (rng.uniform(size=SLOTS) < 0.33)
+      records[-1]["area"] = (gt[:, 2] * gt[:, 3] * height * width
+                             * rng.uniform(0.3, 1, SLOTS)).astype(np.float32)
+  tables = {"logits": logits.astype(np.float32),
+            "boxes": np.clip(boxes, 0, 1).astype(np.float32)}
   return records, tables
 
 
 def reference_stats(records: list[dict[str, np.ndarray]], tables: dict[str, np.ndarray],
                     max_detections: int, tmp_path) -> np.ndarray:
   """COCOeval's 12 stats from json files written here: image ids 100 + i, category ids
-  label + 1, DETR's PostProcess in float64 numpy."""
+  label + 1, DETR's PostProcess in float64 numpy; area and iscrowd from the records, if
+  there, else the box's area and 0."""
   images, annotations, results = [], [], []
   for i, record in enumerate(records):
     height, width = (int(v) for v in record["orig_size"])
     images.append({"id": 100 + i, "height": height, "width": width})
-    for box, label in zip(record["boxes"][record["box_mask"]], record["labels"][record["box_mask"]]):
-      cx, cy, w, h = box.astype(np.float64)
+    for t in np.flatnonzero(record["box_mask"]):
+      cx, cy, w, h = record["boxes"][t].astype(np.float64)
       xywh = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
-      annotations.append({"id": 7 + len(annotations), "image_id": 100 + i,
-                          "category_id": int(label) + 1, "bbox": xywh,
-                          "area": xywh[2] * xywh[3], "iscrowd": 0})
+      annotations.append({
+          "id": 7 + len(annotations), "image_id": 100 + i,
+          "category_id": int(record["labels"][t]) + 1, "bbox": xywh,
+          "area": float(record["area"][t]) if "area" in record else xywh[2] * xywh[3],
+          "iscrowd": int(record["is_crowd"][t]) if "is_crowd" in record else 0})
     logits = tables["logits"][i].astype(np.float64)
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     scores, labels = probs[:, :-1].max(-1), probs[:, :-1].argmax(-1)
@@ -109,8 +120,9 @@ def reference_stats(records: list[dict[str, np.ndarray]], tables: dict[str, np.n
                       "bbox": [(cx - w / 2) * width, (cy - h / 2) * height, w * width,
                                h * height], "score": float(scores[q])})
   gt_path, dt_path = tmp_path / "gt.json", tmp_path / "dt.json"
-  gt_path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations, "categories": [
-      {"id": c + 1, "name": f"c{c}"} for c in range(NUM_CLASSES)]}))
+  categories = [{"id": c + 1, "name": f"c{c}"} for c in range(NUM_CLASSES)]
+  gt_path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations,
+                                 "categories": categories}))
   dt_path.write_text(json.dumps(results))
   with contextlib.redirect_stdout(io.StringIO()):
     gt = coco_lib.COCO(str(gt_path))
@@ -121,11 +133,11 @@ def reference_stats(records: list[dict[str, np.ndarray]], tables: dict[str, np.n
   return run.stats
 
 
-def make_evaluator(monkeypatch, records: list[dict[str, np.ndarray]],
+def make_evaluator(monkeypatch, records: list[dict[str, np.ndarray]], pp: str = PP,
                    **fields: Any) -> detection.DetectionEvaluator:
   monkeypatch.setattr(data_lib, "get_source", lambda data: records)
   eval_config = ml_collections.ConfigDict(dict(
-      type="detection", data=dict(name="fixed", split="test"), pp=PP, batch_size=BATCH_SIZE,
+      type="detection", data=dict(name="fixed", split="test"), pp=pp, batch_size=BATCH_SIZE,
       **fields))
   return evaluators.REGISTRY.get("detection")(LookupTask(), sharding.make_mesh(), eval_config)
 
@@ -141,14 +153,16 @@ def two_process_batches(eval_config: ml_collections.ConfigDict, seen: list[int])
     yield batch
 
 
-@pytest.mark.parametrize("max_detections", [None, 4])
-def test_metrics_equal_pycocotools_on_its_own_json(monkeypatch, tmp_path, max_detections):
-  records, tables = random_split()
+@pytest.mark.parametrize("max_detections,crowd_and_area", [(None, False), (4, True)])
+def test_metrics_equal_pycocotools_on_its_own_json(monkeypatch, tmp_path, max_detections,
+                                                   crowd_and_area):
+  records, tables = random_split(crowd_and_area=crowd_and_area)
   fields = {} if max_detections is None else {"max_detections": max_detections}
-  evaluator = make_evaluator(monkeypatch, records, **fields)
+  pp = PP[:-1] + ', "is_crowd", "area")' if crowd_and_area else PP
+  evaluator = make_evaluator(monkeypatch, records, pp, **fields)
   variables = {"params": jax.tree.map(jnp.asarray, tables)}
   want = reference_stats(records, tables, max_detections or 100, tmp_path)
-  assert 0.1 < want[0] < 0.9 and (want[3:6] > 0).all()  # Every box size occurs; AP is neither 0 nor 1.
+  assert 0.1 < want[0] < 0.9 and (want[3:6] > 0).all()  # Every box size; AP not 0 or 1.
 
   one = evaluator.run(variables)
   assert tuple(one) == STAT_NAMES
@@ -199,7 +213,8 @@ def test_one_box_at_iou_062_counts_at_thresholds_up_to_060(monkeypatch):
 def test_postprocess_scales_width_and_height_separately():
   logits = jnp.asarray([[[0.0, 1.0, 3.0], [2.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])  # [1, 3, C + 1]
   boxes = jnp.asarray([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.8, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]]])
-  out = jax.device_get(detection.postprocess(logits, boxes, jnp.asarray([[100, 300]]), 2))
+  postprocess = jax.jit(detection.postprocess, static_argnums=3)
+  out = jax.device_get(postprocess(logits, boxes, jnp.asarray([[100, 300]]), 2))
   probs = np.exp(np.asarray(logits[0])) / np.exp(np.asarray(logits[0])).sum(-1, keepdims=True)
   # Query 2's "no object" is ignored: its best real class still scores, lowest here.
   np.testing.assert_allclose(out["scores"][0], [probs[1, 0], probs[0, 1]], rtol=1e-6)
@@ -213,6 +228,13 @@ def test_bad_max_detections_is_named():
     with pytest.raises(ValueError, match=r"'evals.det.max_detections' must be an int > 0"):
       detection.DetectionEvaluator.validate_config(
           ml_collections.ConfigDict({"max_detections": value}), "evals.det")
+
+
+def test_a_pp_without_orig_size_is_named(monkeypatch):
+  records, tables = random_split()
+  evaluator = make_evaluator(monkeypatch, records, PP.replace(', "orig_size"', ""))
+  with pytest.raises(ValueError, match=r"needs batch keys \['orig_size'\].*'evals.<name>.pp'"):
+    evaluator.run({"params": tables})
 
 
 def test_draw_boxes_outlines_land_on_the_boxes(tmp_path):

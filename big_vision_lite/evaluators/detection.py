@@ -5,8 +5,10 @@ Eval config fields (type "detection"): `data`, `pp`, `batch_size`, `log_steps`, 
 default 100, COCO's largest maxDets). The pp gives the detection batch of the data contract:
 "image" [S, S, 3], "pixel_mask" [S, S], "boxes" [T, 4] (cx, cy, w, h) normalised by the
 unpadded image's width and height, int "labels" [T] in [0, C), "box_mask" [T], "orig_size"
-(height, width) and optionally "area" [T] (a ground-truth box's COCO area in pixels; default:
-the box's area in pixels of `orig_size`).
+(height, width), and optionally "is_crowd" [T] bool (pp `to_boxes` keeps it when the eval pp
+does not `filter_objects` crowds away; COCOeval then ignores detections matching a crowd
+box, as in COCO's own evaluation) and "area" [T] (a ground-truth box's COCO area in pixels;
+default: the box's area in pixels of `orig_size`).
 
 Predictions: `task.apply_eval(variables, image, pixel_mask=...)` gives `out["logits"]`
 [B, Q, C + 1] (index C is "no object") and `out["boxes"]` [B, Q, 4] (cx, cy, w, h) in [0, 1].
@@ -17,7 +19,8 @@ y1) pixels of `orig_size` and written in COCO's (x, y, w, h), unclipped.
 The post-processed predictions and the ground truth of each global batch are replicated to
 every process (as the other evaluators' sums are), the padded rows of the last batch
 (`_mask` False) are dropped, and every process runs COCOeval on the whole split: image ids
-1..N in split order, category id = label (0..C-1), annotation ids from 1, iscrowd 0. The
+1..N in split order, category id = label (0..C-1), annotation ids from 1, iscrowd from
+"is_crowd" (default 0). The
 metrics are COCOeval's 12 summary numbers as fractions in [0, 1] (the project's metrics are
 fractions), -1 where COCO has nothing to average (e.g. no ground-truth box of that size).
 """
@@ -79,20 +82,20 @@ def coco_inputs(outputs: dict[str, np.ndarray], num_classes: int
 
   `outputs` holds, for N images: "scores", "labels" [N, K] and "boxes" [N, K, 4] (absolute
   xyxy, from `postprocess`), "gt_boxes" [N, T, 4] (absolute xyxy), "gt_labels", "box_mask"
-  [N, T], "orig_size" [N, 2] and optionally "area" [N, T]. Image i has id i + 1.
+  [N, T], "orig_size" [N, 2] and optionally "is_crowd", "area" [N, T]. Image i has id i + 1.
   """
   height_width = outputs["orig_size"]
   images = [{"id": i + 1, "height": int(h), "width": int(w)}
             for i, (h, w) in enumerate(height_width)]
   gt_xywh = xyxy_to_xywh(outputs["gt_boxes"].astype(np.float64))
-  areas = outputs.get("area")
+  areas, crowd = outputs.get("area"), outputs.get("is_crowd")
   annotations = []
   for i, t in zip(*np.nonzero(outputs["box_mask"])):
     box = [float(v) for v in gt_xywh[i, t]]
     area = float(areas[i, t]) if areas is not None else box[2] * box[3]
     annotations.append({"id": len(annotations) + 1, "image_id": int(i) + 1,
                         "category_id": int(outputs["gt_labels"][i, t]), "bbox": box,
-                        "area": area, "iscrowd": 0})
+                        "area": area, "iscrowd": int(crowd[i, t]) if crowd is not None else 0})
   dataset = {"info": {}, "images": images, "annotations": annotations,  # loadRes reads info.
              "categories": [{"id": c, "name": str(c)} for c in range(num_classes)]}
   dt_xywh = xyxy_to_xywh(outputs["boxes"].astype(np.float64))
@@ -160,8 +163,7 @@ class DetectionEvaluator:
                    gt_labels=batch["labels"].astype(jnp.int32), box_mask=batch["box_mask"],
                    orig_size=batch["orig_size"], num_classes=jnp.asarray(
                        out["logits"].shape[-1] - 1), _mask=batch["_mask"])
-    if "area" in batch:
-      outputs["area"] = batch["area"]
+    outputs.update({k: batch[k] for k in ("area", "is_crowd") if k in batch})
     return outputs
 
   def _batches(self) -> Iterator[dict[str, np.ndarray]]:
