@@ -7,12 +7,15 @@ lr(step) * wd * param from each leaf matching `wd_mask`, default `.*kernel$`), `
 `grad_clip_norm`, `frozen_params` (regexes of parameters that are not updated),
 `frozen_for_steps` (pairs (regex, n): matching parameters stay untouched for the first n
 steps, then start their own optimiser state as if new, on the run's schedules; DINO's
-last layer) and `wd_end` (the weight decay follows a cosine from `wd` at step 0 to
-`wd_end` at `total_steps`, `cosine_between`).
+last layer), `lr_mults` (pairs (regex, m): the first matching pair scales a parameter's
+update, so its learning rate and decoupled weight decay, by m; DETR's backbone at 0.1)
+and `wd_end` (the weight decay follows a cosine from `wd` at step 0 to `wd_end` at
+`total_steps`, `cosine_between`).
 """
 import re
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -49,18 +52,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         or isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 0):
       raise ValueError(f"Config field 'frozen_for_steps' takes pairs (regex, steps >= 0), got "
                        f"{entry!r}.")
+  for entry in config.get("lr_mults") or ():
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
+        or isinstance(entry[1], bool) or not isinstance(entry[1], (int, float))
+        or entry[1] < 0):
+      raise ValueError(f"Config field 'lr_mults' takes pairs (regex, multiplier >= 0), got "
+                       f"{entry!r}.")
   wd_end = config.get("wd_end")
   if wd_end is not None and (isinstance(wd_end, bool) or not isinstance(wd_end, (int, float))
                              or wd_end < 0):
     raise ValueError(f"Config field 'wd_end' must be a number >= 0 (or unset), got {wd_end!r}.")
-  patterns = [e[0] for e in config.get("frozen_for_steps") or ()]
+  patterns = [e[0] for e in list(config.get("frozen_for_steps") or ())
+              + list(config.get("lr_mults") or ())]
   for pattern in (list(config.get("frozen_params") or ()) + list(config.get("wd_mask") or ())
                   + patterns):
     try:
       re.compile(pattern)
     except re.error as e:
       raise ValueError(f"Invalid regex {pattern!r} in 'frozen_params'/'wd_mask'/"
-                       f"'frozen_for_steps': {e}") from None
+                       f"'frozen_for_steps'/'lr_mults': {e}") from None
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -156,6 +166,12 @@ def make_optimizer(config: ml_collections.ConfigDict,
     tx = _base_optimizer(config, params, schedule)
   if config.get("grad_clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  lr_mults = [(p, float(m)) for p, m in config.get("lr_mults") or ()]
+  if lr_mults:
+    multipliers = utils.tree_map_with_names(
+        lambda n, _: next((m for p, m in lr_mults if re.fullmatch(p, n)), 1.0), params)
+    tx = optax.chain(tx, optax.stateless(
+        lambda updates, _: jax.tree.map(lambda u, m: u * m, updates, multipliers)))
   frozen = config.get("frozen_params")
   if frozen:
     labels = utils.tree_map_with_names(

@@ -271,6 +271,21 @@ def test_frozen_params_stay_and_the_others_train_as_without_freezing(name):
     assert not np.allclose(got["head"][param], PARAMS["head"][param])
 
 
+def test_lr_mults_scale_learning_rate_and_weight_decay_of_matching_leaves():
+  """AdamW per leaf: the dense leaves follow the lr table x 0.1 (as a torch param group at
+  a tenth of the lr, its decoupled decay included), the others the plain table."""
+  config = opt_config("adamw", lr_mults=(("dense/.*", 0.1), (".*", 1.0)))
+  got = run_config(config, PARAMS, GRADS)[-1]
+  table = lr_table(config)
+  plain = numpy_adamw(PARAMS, GRADS, table, DEFAULT_DECAYED)[-1]
+  tenth = numpy_adamw(PARAMS, GRADS, [0.1 * lr for lr in table], DEFAULT_DECAYED)[-1]
+  for module in PARAMS:
+    expected = tenth if module == "dense" else plain
+    assert_trees_close(got[module], expected[module], rtol=2e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="'lr_mults' takes pairs"):
+    optimizer.validate_config(opt_config("adamw", lr_mults=(("dense/.*", -1.0),)))
+
+
 def global_norm(tree) -> float:
   return float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
                            for x in jax.tree.leaves(tree))))

@@ -184,3 +184,56 @@ def batched_hungarian_match(
   query_idx = jnp.where(valid, query_for_target, num_queries)
   target_idx = jnp.broadcast_to(jnp.arange(num_targets, dtype=jnp.int32), (batch, num_targets))
   return query_idx, target_idx, valid
+
+
+def set_loss(pred_logits: jax.Array, pred_boxes: jax.Array, target_labels: jax.Array,
+             target_boxes: jax.Array, target_mask: jax.Array, *, num_boxes: jax.Array,
+             no_object_weight: float = 0.1, class_weight: float = 1.0,
+             bbox_weight: float = 5.0, giou_weight: float = 2.0,
+             method: MatchMethod = "optax") -> dict[str, jax.Array]:
+  """DETR's SetCriterion on one decoder layer: Hungarian matching on `matching_cost` (no
+  gradient through it), then the unweighted loss terms.
+
+  pred_logits [B, Q, C + 1] (class C: no object), pred_boxes [B, Q, 4], target_boxes
+  [B, T, 4] (cx, cy, w, h), target_labels [B, T], target_mask [B, T] (False: padding).
+  Returns scalars:
+    ce:    cross-entropy of every query against its matched label or "no object", weighted
+           by `no_object_weight` for no-object queries and normalised by the sum of the
+           weights (torch's weighted `cross_entropy`, here over the whole global batch);
+    l1:    sum over matched pairs of the L1 distance of the (cx, cy, w, h) boxes / num_boxes;
+    giou:  sum over matched pairs of 1 - GIoU / num_boxes;
+    class_error: 100 - top-1 accuracy (%) of the matched queries (a logged diagnostic).
+  `num_boxes` is the number of real target boxes (DETR sums it over all processes; inside
+  jit on global arrays `target_mask.sum()` already is that sum), clamped to at least 1.
+  """
+  num_classes = pred_logits.shape[-1] - 1
+  pred_logits = pred_logits.astype(jnp.float32)
+  pred_boxes = pred_boxes.astype(jnp.float32)
+  cost = matching_cost(jax.lax.stop_gradient(pred_logits), jax.lax.stop_gradient(pred_boxes),
+                       target_labels, target_boxes, class_weight=class_weight,
+                       bbox_weight=bbox_weight, giou_weight=giou_weight)  # [B, Q, T]
+  query_idx, _, valid = batched_hungarian_match(cost, target_mask, method=method)  # [B, T]
+  batch, num_queries = pred_logits.shape[:2]
+  rows = jnp.arange(batch)[:, None]  # [B, 1]
+  # Unmatched targets carry query index Q, which the scatter drops.
+  query_labels = jnp.full((batch, num_queries), num_classes, jnp.int32).at[
+      rows, query_idx].set(target_labels.astype(jnp.int32), mode="drop")  # [B, Q]
+  weights = jnp.where(query_labels == num_classes, no_object_weight, 1.0)  # [B, Q]
+  log_probs = jax.nn.log_softmax(pred_logits, axis=-1)  # [B, Q, C + 1]
+  nll = -jnp.take_along_axis(log_probs, query_labels[..., None], axis=-1)[..., 0]  # [B, Q]
+  ce = (weights * nll).sum() / weights.sum()
+
+  matched_boxes = jnp.take_along_axis(
+      pred_boxes, jnp.minimum(query_idx, num_queries - 1)[..., None], axis=1)  # [B, T, 4]
+  matched_logits = jnp.take_along_axis(
+      pred_logits, jnp.minimum(query_idx, num_queries - 1)[..., None], axis=1)  # [B, T, C + 1]
+  num_boxes = jnp.maximum(jnp.asarray(num_boxes, jnp.float32), 1.0)
+  l1 = jnp.abs(matched_boxes - target_boxes.astype(jnp.float32)).sum(-1)  # [B, T]
+  giou = jax.vmap(jax.vmap(lambda a, b: generalized_box_iou(a[None], b[None])[0, 0]))(
+      box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes.astype(jnp.float32)))
+  correct = matched_logits.argmax(-1) == target_labels  # [B, T]
+  num_matched = jnp.maximum(valid.sum(), 1)
+  return {"ce": ce,
+          "l1": jnp.where(valid, l1, 0.0).sum() / num_boxes,
+          "giou": jnp.where(valid, 1.0 - giou, 0.0).sum() / num_boxes,
+          "class_error": 100.0 - 100.0 * jnp.where(valid, correct, False).sum() / num_matched}

@@ -14,5 +14,5 @@ from big_vision_lite.registry import Registry
 
 REGISTRY = Registry("task")
 
-for _module in ("classification", "dino", "fcmae", "packed_classification"):
+for _module in ("classification", "detr", "dino", "fcmae", "packed_classification"):
   importlib.import_module(f"{__name__}.{_module}")
