@@ -170,12 +170,14 @@ def test_pad_image_values_and_mask():
 
 
 def test_filter_objects_drops_crowd_and_empty_boxes():
-  objects = {"bbox": np.array([[0, 0, .5, .5], [.2, .2, .2, .6], [0, 0, 1, 1], [.1, .1, .3, .3]]),
-             "label": np.array([1, 2, 3, 4]), "is_crowd": np.array([False, False, True, False])}
+  objects = {"bbox": np.array([[0, 0, .5, .5], [.2, .2, .2, .6], [0, 0, 1, 1], [.1, .1, .3, .3],
+                                [.1, .5, .4, .5]]),  # 2: no height, 5: no width, 3: crowd.
+             "label": np.array([1, 2, 3, 4, 5]),
+             "is_crowd": np.array([False, False, True, False, False])}
   labels = lambda pp_string: run(pp_string, {"objects": objects})["objects"]["label"].tolist()
   assert labels("filter_objects") == [1, 4]
   assert labels("filter_objects(drop_crowd=False)") == [1, 3, 4]
-  assert labels("filter_objects(drop_empty=False)") == [1, 2, 4]
+  assert labels("filter_objects(drop_empty=False)") == [1, 2, 4, 5]
   no_crowd_key = {k: v for k, v in objects.items() if k != "is_crowd"}
   assert run("filter_objects", {"objects": no_crowd_key})["objects"]["label"].tolist() == [1, 3, 4]
 
@@ -214,7 +216,7 @@ def test_argument_errors_at_config_time(pp_string, message):
 
 def test_ops_on_objects_without_boxes_name_the_op():
   with pytest.raises(ValueError, match=r"pp op flip_lr: example key 'objects' must be a dict "
-                     r"with 'bbox'.*keys \['label'\]"):
+                     r"with 'bbox'.*got keys \['label'\]"):
     for seed in range(4):
       run("flip_lr", {"image": np.zeros((4, 4, 3), np.uint8), "objects": {"label": [1]}}, seed)
 

@@ -215,9 +215,9 @@ MIN_BOX_PIXELS = 1e-3  # Crops drop boxes thinner than this (float32 rounding, n
 def _bbox(objects: Any, op: str) -> np.ndarray:
   """objects["bbox"] as [n, 4] float64, checked."""
   if not isinstance(objects, dict) or "bbox" not in objects:
+    got = f"keys {sorted(objects)}" if isinstance(objects, dict) else type(objects).__name__
     raise ValueError(f"pp op {op}: example key {OBJECTS!r} must be a dict with 'bbox' [n, 4] "
-                     f"(ymin, xmin, ymax, xmax) in [0, 1], got {type(objects).__name__}"
-                     f"{' with keys ' + str(sorted(objects)) if isinstance(objects, dict) else ''}.")
+                     f"(ymin, xmin, ymax, xmax) in [0, 1], got {got}.")
   return np.asarray(objects["bbox"], np.float64).reshape(-1, 4)
 
 
