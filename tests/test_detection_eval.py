@@ -193,15 +193,15 @@ def test_perfect_predictions_give_ap_one(monkeypatch):
 
 
 def test_one_box_at_iou_062_counts_at_thresholds_up_to_060(monkeypatch):
-  """Image 100 high x 200 wide; ground truth x 0..20, y 0..50 px; the prediction x 0..20, y
-  0..31 px: IoU 0.62, a hit at IoU thresholds 0.50, 0.55, 0.60 of COCO's ten: AP 0.3."""
-  gt = np.array([[10 / 200, 25 / 100, 20 / 200, 50 / 100]], np.float32)  # cx, cy, w, h
+  """Image 100 high x 200 wide; ground truth x 40..60, y 20..70 px; the prediction x 40..60,
+  y 20..51 px: IoU 0.62, a hit at IoU thresholds 0.50, 0.55, 0.60 of COCO's ten: AP 0.3."""
+  gt = np.array([[50 / 200, 45 / 100, 20 / 200, 50 / 100]], np.float32)  # cx, cy, w, h
   image = np.zeros((SIDE, SIDE, 3), np.float32)
   record = {"image": image, "pixel_mask": np.ones((SIDE, SIDE), bool), "boxes": gt,
             "labels": np.array([1], np.int32), "box_mask": np.array([True]),
             "orig_size": np.array([100, 200], np.int32)}
   logits = np.array([[[0.0, 4.0, 0.0, 0.0]]], np.float32)
-  boxes = np.array([[[10 / 200, 15.5 / 100, 20 / 200, 31 / 100]]], np.float32)
+  boxes = np.array([[[50 / 200, 35.5 / 100, 20 / 200, 31 / 100]]], np.float32)
   evaluator = make_evaluator(monkeypatch, [record])
   metrics = evaluator.run({"params": {"logits": jnp.asarray(logits), "boxes": jnp.asarray(boxes)}})
   np.testing.assert_allclose([metrics["AP50"], metrics["AP75"], metrics["AP"]], [1.0, 0.0, 0.3],
