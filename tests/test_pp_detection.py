@@ -10,7 +10,7 @@ from big_vision_lite.input import shapes
 MAX_BOXES = 4
 SIZE = 64
 KEYS = ("image", "pixel_mask", "boxes", "labels", "box_mask", "orig_size")
-_TAIL = f'value_range(-1, 1)|to_cxcywh|pad_boxes({MAX_BOXES})|pad_image({SIZE})|keep{KEYS}'
+_TAIL = f'normalize|to_cxcywh|pad_boxes({MAX_BOXES})|pad_image({SIZE})|keep{KEYS}'
 TRAIN_PP = ('decode|orig_size|filter_objects|flip_lr|random_select('
             '"random_resize([32, 40, 48], max_size=64)", "random_resize([32, 40, 48])|'
             'random_size_crop(24, 48)|random_resize([32, 40, 48], max_size=64)")|' + _TAIL)
@@ -196,6 +196,17 @@ def test_orig_size_and_random_select():
       (4, 4, 3), (8, 6, 3)}
 
 
+def test_normalize_closed_form():
+  image = np.array([[[0, 255, 51]]], np.uint8)
+  out = run("normalize", {"image": image})["image"]
+  expected = [(0 - 0.485) / 0.229, (1 - 0.456) / 0.224, (0.2 - 0.406) / 0.225]
+  np.testing.assert_allclose(out, [[expected]], rtol=1e-6)
+  assert out.dtype == np.float32
+  out = run("normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), in_max=1)",
+            {"image": np.array([[[0.0, 0.5, 1.0]]])})["image"]
+  np.testing.assert_allclose(out, [[[-1, 0, 1]]])
+
+
 @pytest.mark.parametrize("pp_string,message", [
     ("random_resize([])", r"random_resize: sizes must be an int > 0 or a non-empty list"),
     ("random_resize(32, max_size=0)", r"random_resize: max_size must be an int > 0; got 0"),
@@ -203,6 +214,8 @@ def test_orig_size_and_random_select():
     ("random_size_crop(10, 5)", r"random_size_crop: min_size must be <= max_size"),
     ("random_size_crop(0, 5)", r"random_size_crop: min_size must be an int > 0"),
     ("pad_boxes(0)", r"pad_boxes: max_boxes must be an int > 0; got 0"),
+    ("normalize(mean=(0.5, 0.5))", r"normalize: mean must be 3 numbers \(R, G, B\)"),
+    ("normalize(std=(1, 0, 1))", r"normalize: std and in_max must be > 0"),
     ("pad_image('64')", r"pad_image: size must be an int > 0 or \(height, width\)"),
     ("pad_image((64, -1))", r"pad_image: size must be an int > 0 or \(height, width\)"),
     ("filter_objects(drop_crowd=1)", r"filter_objects: drop_crowd must be True or False"),

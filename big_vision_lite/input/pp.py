@@ -27,6 +27,7 @@ The batcher takes flat numeric arrays only, so a detection pp string ends with
 `to_cxcywh|pad_boxes(T)`, which replaces "objects" by flat keys (a leftover nested dict is
 an error naming it). The DETR ops, in pipeline order:
   orig_size          "orig_size" int32 [2] = the current image's (H, W) (put after decode)
+  normalize          (x / 255 - mean) / std with ImageNet's mean and std (DETR's Normalize)
   filter_objects     drops crowd objects (coco's "is_crowd") and boxes of no area
   random_resize      DETR's RandomResize: shorter side to one of `sizes`, longer <= max_size
   random_size_crop   DETR's RandomSizeCrop(min_size, max_size)
@@ -334,6 +335,29 @@ def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: fl
     x = np.asarray(example[key], np.float32)
     scaled = vmin + (x - in_min) * (vmax - vmin) / (in_max - in_min)
     return dict(example, **{key: scaled.astype(np.float32)})
+  return fn
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, of images in [0, 1] (torchvision's Normalize).
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@OPS.register("normalize")
+def normalize(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+              in_max: float = 255, key: str = "image") -> OpFn:
+  """(x / in_max - mean) / std per channel, float32: torchvision's Normalize after ToTensor,
+  ImageNet's statistics by default (what timm/torchvision ResNets, and DETR, expect)."""
+  for name, values in (("mean", mean), ("std", std)):
+    if not (isinstance(values, (tuple, list)) and len(values) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+      raise ValueError(f"pp op normalize: {name} must be 3 numbers (R, G, B); got {values!r}.")
+  if min(std) <= 0 or not isinstance(in_max, (int, float)) or in_max <= 0:
+    raise ValueError(f"pp op normalize: std and in_max must be > 0; got {std!r}, {in_max!r}.")
+  mean_array, std_array = np.float32(mean), np.float32(std)
+  def fn(example, rng):
+    del rng
+    x = np.asarray(example[key], np.float32) / np.float32(in_max)
+    return dict(example, **{key: ((x - mean_array) / std_array).astype(np.float32)})
   return fn
 
 
