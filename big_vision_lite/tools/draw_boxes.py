@@ -1,7 +1,8 @@
 r"""DETR boxes: predicted and ground-truth boxes over test images, as one PNG grid.
 
   python -m big_vision_lite.tools.draw_boxes --workdir /tmp/detr --out boxes.png \
-      [--num_images 8 --score_threshold 0.5 --split test --eval NAME --scale 2]
+      [--num_images 8 --score_threshold 0.5 --split test --eval NAME --scale 2 \
+       --class_names a,b,c]
 
 Loads the newest checkpoint of a DETR run (its config.json), preprocesses the first
 `--num_images` images of `--split` with the pp of the run's `detection` eval (`--eval` names
@@ -116,11 +117,12 @@ def dataset_class_names(data: dict[str, Any]) -> list[str] | None:
 
 
 def draw(workdir: str, out: str, *, num_images: int = 8, score_threshold: float = 0.5,
-         split: str = "test", eval_name: str | None = None, scale: int = 2,
+         split: str = "test", eval_name: str | None = None, scale: int | None = None,
          class_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
   """Writes the PNG (see the module docstring); returns the drawn arrays: "images" [B, S, S,
   3], "pred_boxes" [B, Q, 4] and "gt_boxes" [B, T, 4] (absolute xyxy of the preprocessed
-  image), "pred_labels", "pred_scores" [B, Q], "gt_labels", "box_mask" [B, T]."""
+  image), "pred_labels", "pred_scores" [B, Q], "gt_labels", "box_mask" [B, T]. `scale`
+  defaults to tiles of about 256 pixels."""
   if num_images < 1:
     raise ValueError(f"--num_images must be >= 1, got {num_images}.")
   path = os.path.join(workdir, "config.json")
@@ -147,7 +149,7 @@ def draw(workdir: str, out: str, *, num_images: int = 8, score_threshold: float 
   draw_grid(images, [b[m] for b, m in zip(gt_boxes, box_mask)],
             [l[m] for l, m in zip(batch["labels"], box_mask)], pred["boxes"], pred["labels"],
             pred["scores"], out, score_threshold=score_threshold, class_names=names,
-            scale=scale)
+            scale=scale or max(1, 256 // max(images.shape[1:3])))
   return {"images": images, "pred_boxes": pred["boxes"], "pred_labels": pred["labels"],
           "pred_scores": pred["scores"], "gt_boxes": gt_boxes, "gt_labels": batch["labels"],
           "box_mask": box_mask}
@@ -165,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, np.ndarray]:
   parser.add_argument("--split", default="test", help="Split of the eval's dataset.")
   parser.add_argument("--eval", default=None, help="Name of the run's detection eval whose "
                       "data and pp to use (needed when it has several).")
-  parser.add_argument("--scale", type=int, default=2, help="Pixels per image pixel.")
+  parser.add_argument("--scale", type=int, default=None,
+                      help="Pixels per image pixel (default: tiles of about 256 pixels).")
   parser.add_argument("--class_names", default=None,
                       help="Comma-separated class names (default: the dataset's).")
   args = parser.parse_args(argv)
