@@ -113,7 +113,7 @@ def test_live_timm(label, timm_live_dir):
 
 
 LIVE_TEST_MODULES = ("test_import_timm", "test_convnext2", "test_efficientvit", "test_mobilevit",
-                     "test_mobilevit2")
+                     "test_mobilevit2", "test_resnet")
 
 
 def test_live_tests_cover_every_reference():
@@ -179,7 +179,7 @@ def test_conversion_layout():
                                 state["blocks.1.attn.qkv.weight"][96:])
 
 
-@pytest.mark.parametrize("name", ["resnet50", "deit_tiny_patch16_224"])
+@pytest.mark.parametrize("name", ["regnetx_002", "deit_tiny_patch16_224"])
 def test_unknown_family_lists_supported(name):
   with pytest.raises(ValueError, match=rf"Unsupported timm model name '{name}'.*vit_"):
     import_timm.convert(name, _tiny_state())

@@ -561,6 +561,87 @@ def convert_efficientvit(timm_name: str,
   return "efficientvit", kwargs, {"params": nest(params), "batch_stats": nest(stats)}
 
 
+RESNET_PATTERN = re.compile(r"^resnet(18|34|50|101|152)(?:[_.]|$)")
+RESNET_NAMES = "resnet{18,34,50,101,152}"
+RESNET_FAMILY = (f"{RESNET_NAMES}* (timm's torchvision-style ResNets: 7x7 stem, conv1/bn1, "
+                 "layer1..4, fc; stem width, stage widths width * 2**i and block counts read "
+                 "from the weights; no deep stem, average-pool shortcut, groups or SE)")
+
+
+def convert_resnet(timm_name: str,
+                   sd: StateDict) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """timm ResNet (torchvision layout) -> `resnet`, params and batch_stats (`frozen_bn=False`;
+  `models.resnet.freeze_batch_norm` turns them into frozen-norm variables).
+
+  The depth (basic or bottleneck blocks) comes from the name and must agree with the
+  weights; the width and the block counts come from the weights, so models made with timm's
+  `channels`/`stem_width`/`layers` convert too.
+  """
+  from big_vision_lite.models import resnet  # pylint: disable=g-import-not-at-top
+  match = RESNET_PATTERN.match(timm_name)
+  if not match:
+    raise ValueError(f"Unsupported timm ResNet name {timm_name!r}; supported: {RESNET_FAMILY}.")
+  depth = int(match.group(1))
+  bottleneck = resnet.DEPTHS[depth][0]
+
+  def conv(prefix: str) -> dict[str, np.ndarray]:
+    return {"kernel": sd.take(f"{prefix}.weight").transpose(2, 3, 1, 0)}  # OIHW -> HWIO
+
+  def norm(prefix: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    if f"{prefix}.num_batches_tracked" in sd:
+      sd.take(f"{prefix}.num_batches_tracked")  # A counter with no use in eval mode.
+    return (layernorm_params(sd, prefix), {"mean": sd.take(f"{prefix}.running_mean"),
+                                           "var": sd.take(f"{prefix}.running_var")})
+
+  params: dict[str, Any] = {"conv1": conv("conv1")}
+  stats: dict[str, Any] = {}
+  params["bn1"], stats["bn1"] = norm("bn1")
+  kh, kw, _, stem_width = params["conv1"]["kernel"].shape
+  if (kh, kw) != (7, 7):
+    raise ValueError(f"{timm_name!r}: conv1 has a {kh}x{kw} kernel, expected the 7x7 stem; "
+                     f"supported: {RESNET_FAMILY}.")
+  if ("layer1.0.conv3.weight" in sd) != bottleneck:
+    raise ValueError(f"{timm_name!r} has {'basic' if bottleneck else 'bottleneck'} blocks in "
+                     f"its weights, but the name says {'bottleneck' if bottleneck else 'basic'} "
+                     f"ones; supported: {RESNET_FAMILY}.")
+  convs = ("conv1", "conv2", "conv3") if bottleneck else ("conv1", "conv2")
+  width = int(sd.take("layer1.0.conv1.weight").shape[0]) if "layer1.0.conv1.weight" in sd else 0
+  stage_sizes = []
+  for stage in range(1, 5):
+    blocks = 0
+    while f"layer{stage}.{blocks}.conv1.weight" in sd:
+      prefix, name = f"layer{stage}.{blocks}", f"layer{stage}_block{blocks}"
+      block, block_stats = {}, {}
+      for i, conv_name in enumerate(convs, start=1):
+        block[conv_name] = conv(f"{prefix}.{conv_name}")
+        block[f"bn{i}"], block_stats[f"bn{i}"] = norm(f"{prefix}.bn{i}")
+      if f"{prefix}.downsample.0.weight" in sd:
+        block["downsample_conv"] = conv(f"{prefix}.downsample.0")
+        block["downsample_bn"], block_stats["downsample_bn"] = norm(f"{prefix}.downsample.1")
+      expected = width * 2**(stage - 1)
+      if block["conv1"]["kernel"].shape[-1] != expected:
+        raise ValueError(f"{timm_name!r}: {prefix}.conv1 has {block['conv1']['kernel'].shape[-1]} "
+                         f"channels, expected {expected} (layer1's {width} x 2**{stage - 1}); "
+                         f"supported: {RESNET_FAMILY}.")
+      params[name], stats[name] = block, block_stats
+      blocks += 1
+    if not blocks:
+      raise ValueError(f"timm state dict of {timm_name!r} has no layer{stage}.0.* parameters; "
+                       f"supported: {RESNET_FAMILY}.")
+    stage_sizes.append(blocks)
+  num_classes = 0
+  if "fc.weight" in sd:
+    params["head"] = linear_params(sd, "fc")
+    num_classes = int(params["head"]["kernel"].shape[1])
+  sd.check_all_taken()
+  kwargs: dict[str, Any] = dict(num_classes=num_classes, depth=depth, width=width)
+  if stem_width != width:
+    kwargs["stem_width"] = int(stem_width)
+  if tuple(stage_sizes) != resnet.DEPTHS[depth][1]:
+    kwargs["stage_sizes"] = stage_sizes
+  return "resnet", kwargs, {"params": params, "batch_stats": stats}
+
+
 Converter = Callable[[str, StateDict], tuple[str, dict[str, Any], dict[str, Any]]]
 
 # timm name prefix -> (converter, description of what it accepts); longest prefix wins.
@@ -570,6 +651,7 @@ CONVERTERS: dict[str, tuple[Converter, str]] = {
     "convnextv2_": (convert_convnextv2, CONVNEXTV2_FAMILY),
     "mobilevit_": (convert_mobilevit, MOBILEVIT_FAMILY),
     "mobilevitv2_": (convert_mobilevit, MOBILEVIT_FAMILY),
+    "resnet": (convert_resnet, RESNET_FAMILY),
 }
 
 
