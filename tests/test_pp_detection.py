@@ -15,6 +15,15 @@ TRAIN_PP = ('decode|orig_size|filter_objects|flip_lr|random_select('
             '"random_resize([32, 40, 48], max_size=64)", "random_resize([32, 40, 48])|'
             'random_size_crop(24, 48)|random_resize([32, 40, 48], max_size=64)")|' + _TAIL)
 EVAL_PP = 'decode|orig_size|random_resize(40, max_size=64)|' + _TAIL
+_SCALES = list(range(480, 801, 32))
+COCO_TRAIN_PP = (  # DETR's: flip, then resize, or resize-crop-resize; at most 1333 px.
+    f'decode|orig_size|filter_objects|flip_lr|random_select('
+    f'"random_resize({_SCALES}, max_size=1333)", "random_resize([400, 500, 600])|'
+    f'random_size_crop(384, 600)|random_resize({_SCALES}, max_size=1333)")|normalize|'
+    f'to_cxcywh|pad_boxes(100)|pad_image(1333)|keep{KEYS}')
+COCO_EVAL_PP = (  # Crowd boxes and COCO's areas kept for COCOeval.
+    'decode|orig_size|random_resize(800, max_size=1333)|normalize|to_cxcywh|pad_boxes(100)|'
+    f'pad_image(1333)|keep{KEYS + ("is_crowd", "area")}')
 FIRST_MARK = 251  # Random pixels are < FIRST_MARK; box k is filled with FIRST_MARK + k.
 
 
@@ -119,9 +128,11 @@ def test_random_resize_draws_each_size_and_keeps_boxes_on_their_pixels():
 
 def test_to_cxcywh_closed_form():
   objects = {"bbox": np.array([[0.1, 0.2, 0.5, 0.9], [0.0, 0.0, 1.0, 1.0]], np.float32),
-             "label": np.array([7, 2]), "is_crowd": np.array([0, 1])}
+             "label": np.array([7, 2]), "is_crowd": np.array([0, 1]), "area": np.array([5, 9]),
+             "id": np.array([1, 2])}
   out = run("to_cxcywh", {"image": 1, "objects": objects})
-  assert sorted(out) == ["boxes", "image", "is_crowd", "labels"]
+  assert sorted(out) == ["area", "boxes", "image", "is_crowd", "labels"]
+  np.testing.assert_array_equal(out["area"], np.float32([5, 9]))
   np.testing.assert_allclose(out["boxes"], [[0.55, 0.3, 0.7, 0.4], [0.5, 0.5, 1.0, 1.0]],
                              atol=1e-7)
   assert out["boxes"].dtype == np.float32 and out["labels"].dtype == np.int32
@@ -138,8 +149,10 @@ def test_to_cxcywh_closed_form():
 
 def test_pad_boxes_values_and_mask():
   example = {"boxes": np.array([[0.5, 0.5, 0.2, 0.4], [0.1, 0.2, 0.1, 0.1]], np.float32),
-             "labels": np.array([3, 9], np.int32), "is_crowd": np.array([False, True])}
+             "labels": np.array([3, 9], np.int32), "is_crowd": np.array([False, True]),
+             "area": np.float32([4, 5])}
   out = run("pad_boxes(4)", example)
+  np.testing.assert_array_equal(out["area"], np.float32([4, 5, 0, 0]))
   np.testing.assert_array_equal(out["boxes"], np.float32([[0.5, 0.5, 0.2, 0.4],
                                                           [0.1, 0.2, 0.1, 0.1], [0] * 4, [0] * 4]))
   np.testing.assert_array_equal(out["labels"], [3, 9, 0, 0])
@@ -287,3 +300,26 @@ def test_detr_pp_through_train_and_eval_iterators(data_dir):
     ymin, xmin, ymax, xmax = np.asarray(record["objects"]["bbox"]).T
     np.testing.assert_allclose(batch["boxes"][i, :n], np.stack(
         [(xmin + xmax) / 2, (ymin + ymax) / 2, xmax - xmin, ymax - ymin], -1), atol=1e-6)
+
+
+def test_coco_recipe_on_a_coco_like_example():
+  """tfds coco/2017's features: decoded image, objects with is_crowd, area and id."""
+  example = {"image": np.random.default_rng(0).integers(0, 256, (427, 640, 3), np.uint8),
+             "image/id": np.int64(7),
+             "objects": {"bbox": np.float32([[.1, .1, .5, .5], [.2, .3, .9, .8], [0, 0, 1, 1]]),
+                         "label": np.array([4, 5, 6]), "is_crowd": np.array([False, False, True]),
+                         "area": np.array([900, 4000, 200000]), "id": np.array([1, 2, 3])}}
+  train = pp.get_preprocess_fn(COCO_TRAIN_PP)
+  for seed in range(3):
+    out = train(example, np.random.default_rng(seed))
+    assert sorted(out) == sorted(KEYS) and out["image"].shape == (1333, 1333, 3)
+    assert set(out["labels"][out["box_mask"]].tolist()) <= {4, 5}  # The crowd box is gone.
+  out = run(COCO_EVAL_PP, example)
+  np.testing.assert_array_equal(out["orig_size"], [427, 640])
+  h, w = pp.detr_resized_hw(427, 640, 800, 1333)
+  assert (h, w) == (800, 1199) and out["pixel_mask"].sum() == h * w
+  np.testing.assert_array_equal(out["box_mask"][:4], [True, True, True, False])
+  np.testing.assert_array_equal(out["is_crowd"][:4], [False, False, True, False])
+  np.testing.assert_array_equal(out["area"][:4], [900, 4000, 200000, 0])
+  np.testing.assert_allclose(out["boxes"][:3], [[.3, .3, .4, .4], [.55, .55, .5, .7],
+                                                [.5, .5, 1, 1]], atol=1e-6)

@@ -33,7 +33,8 @@ an error naming it). The DETR ops, in pipeline order:
   random_size_crop   DETR's RandomSizeCrop(min_size, max_size)
   random_select      DETR's RandomSelect: one of two pp strings, the first with p
   to_cxcywh          objects -> "boxes" [n, 4] float32 (cx, cy, w, h) in [0, 1], "labels"
-                     [n] int32 (and "is_crowd" [n] bool if present); removes "objects"
+                     [n] int32 (and "is_crowd" [n] bool, "area" [n] float32 if present, for
+                     the detection evaluator's COCOeval); removes "objects"
   pad_boxes          pads those to max_boxes T rows (zeros) with "box_mask" [T] bool; more
                      than T boxes is an error naming the op and the count (no truncation)
   pad_image          pads the image bottom/right with zeros to S x S, "pixel_mask" [S, S]
@@ -742,11 +743,16 @@ def random_select(first: str, second: str, p: float = 0.5) -> OpFn:
   return fn
 
 
+# Per-object arrays that to_cxcywh and pad_boxes carry along when present (for COCOeval):
+# tfds coco's crowd flag and area (COCO's, in pixels of the decoded image; not rescaled).
+EXTRA_OBJECT_KEYS = {"is_crowd": bool, "area": np.float32}
+
+
 @OPS.register("to_cxcywh")
 def to_cxcywh() -> OpFn:
   """example["objects"] -> "boxes" [n, 4] float32 (cx, cy, w, h), normalised by the current
-  image's width and height, "labels" [n] int32 and, when the objects have it, "is_crowd"
-  [n] bool; removes "objects"."""
+  image's width and height, "labels" [n] int32 and, when the objects have them, "is_crowd"
+  [n] bool and "area" [n] float32 (EXTRA_OBJECT_KEYS); removes "objects"."""
   def fn(example, rng):
     del rng
     objects = example[OBJECTS]
@@ -758,16 +764,17 @@ def to_cxcywh() -> OpFn:
     out = {k: v for k, v in example.items() if k != OBJECTS}
     out["boxes"] = boxes.astype(np.float32).reshape(-1, 4)
     out["labels"] = np.asarray(objects["label"], np.int32).reshape(-1)
-    if "is_crowd" in objects:
-      out["is_crowd"] = np.asarray(objects["is_crowd"], bool).reshape(-1)
+    for name, dtype in EXTRA_OBJECT_KEYS.items():
+      if name in objects:
+        out[name] = np.asarray(objects[name], dtype).reshape(-1)
     return out
   return fn
 
 
 @OPS.register("pad_boxes")
 def pad_boxes(max_boxes: int) -> OpFn:
-  """Pads "boxes" [n, 4], "labels" [n] (and "is_crowd" [n] if present) with zeros to
-  max_boxes rows and adds "box_mask" [max_boxes] bool (True on the n real boxes); n >
+  """Pads "boxes" [n, 4], "labels" [n] (and "is_crowd", "area" [n] if present) with zeros
+  to max_boxes rows and adds "box_mask" [max_boxes] bool (True on the n real boxes); n >
   max_boxes raises (nothing is truncated)."""
   _check_positive_int("pad_boxes", "max_boxes", max_boxes)
   def fn(example, rng):
@@ -780,7 +787,7 @@ def pad_boxes(max_boxes: int) -> OpFn:
       raise ValueError(f"pp op pad_boxes({max_boxes}): an image has {count} boxes, more than "
                        f"max_boxes={max_boxes}; raise max_boxes.")
     out = dict(example, box_mask=np.arange(max_boxes) < count)
-    for key in ("boxes", "labels", "is_crowd"):
+    for key in ("boxes", "labels", *EXTRA_OBJECT_KEYS):
       if key in example:
         value = np.asarray(example[key])
         padded = np.zeros((max_boxes,) + value.shape[1:], value.dtype)
