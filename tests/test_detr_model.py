@@ -1,0 +1,199 @@
+"""DETR model: the output contract, the sine position encoding against DETR's formula, the
+mask's nearest resize, padding + pixel_mask changing nothing, frozen backbone norms with
+dropout in training, other backbones and bad fields."""
+import functools
+import math
+import types
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_vision_lite import models
+from big_vision_lite.models import detr
+
+TINY = dict(num_classes=3, num_queries=5, hidden=32, num_heads=4, enc_layers=1, dec_layers=2,
+            mlp_dim=48, backbone_kwargs=dict(depth=18, width=8, stem_width=8,
+                                             stage_sizes=(1, 1, 1, 1), frozen_bn=True))
+
+
+# XLA:CPU compiles threefry slowly (seconds per dropout site); unsafe_rbg keys compile fast.
+DROPOUT_KEY = jax.random.key(1, impl="unsafe_rbg")
+
+
+def _random_variables(model, images, pixel_mask=None, seed=0):
+  """Variables from shapes alone (no compiled init): N(0, 0.3²), BatchNorm variances 1."""
+  shapes = jax.eval_shape(functools.partial(model.init, pixel_mask=pixel_mask),
+                          jax.random.key(0), images)
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == "var"
+                       else 0.3 * rng.normal(size=s.shape).astype(np.float32)), shapes)
+
+
+def _images(shape, seed=0):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def test_output_contract():
+  model = detr.Model(**TINY)
+  images = _images((2, 96, 64, 3))
+  pixel_mask = np.zeros((2, 96, 64), bool)
+  pixel_mask[0, :64, :64] = pixel_mask[1] = True
+  variables = _random_variables(model, images, pixel_mask)
+  out, aux = jax.jit(model.apply)(variables, images, pixel_mask=pixel_mask)
+  assert out["logits"].shape == (2, 5, 4) and out["boxes"].shape == (2, 5, 4)
+  assert aux["decoder_logits"].shape == (2, 2, 5, 4) and aux["decoder_boxes"].shape == (2, 2, 5, 4)
+  np.testing.assert_array_equal(aux["decoder_logits"][-1], out["logits"])
+  np.testing.assert_array_equal(aux["decoder_boxes"][-1], out["boxes"])
+  assert not np.allclose(aux["decoder_logits"][0], aux["decoder_logits"][1])
+  assert np.all((out["boxes"] > 0) & (out["boxes"] < 1))
+  assert aux["features"].shape == (2, 3, 2, 64)  # resnet's stage4: stride 32.
+  np.testing.assert_array_equal(aux["feature_mask"], [[[1, 1], [1, 1], [0, 0]], [[1, 1]] * 3])
+  # The backbone is the registry's headless ResNet with frozen norms (none in params).
+  params = variables["params"]
+  assert "head" not in params["backbone"] and "bn1" not in params["backbone"]
+  assert set(variables["batch_stats"]["backbone"]["bn1"]) == {"scale", "bias", "mean", "var"}
+  assert params["query_embed"].shape == (5, 32) and params["class_embed"]["kernel"].shape == (32, 4)
+  assert set(params["bbox_embed"]) == {"layers_0", "layers_1", "layers_2"}
+  assert set(params["decoder_layer1"]) == {"self_attn", "norm1", "multihead_attn", "norm2",
+                                           "linear1", "linear2", "norm3"}
+  assert set(params["encoder_layer0"]) == {"self_attn", "norm1", "linear1", "linear2", "norm2"}
+
+
+def _naive_sine_encoding(mask, num_pos_feats, temperature=10000.0, scale=2 * math.pi):
+  """DETR's PositionEmbeddingSine(normalize=True), element by element (mask: True = real)."""
+  batch, height, width = mask.shape
+  out = np.zeros((batch, height, width, 2 * num_pos_feats))
+  for b in range(batch):
+    for i in range(height):
+      for j in range(width):
+        y = mask[b, :i + 1, j].sum() / (mask[b, :, j].sum() + 1e-6) * scale
+        x = mask[b, i, :j + 1].sum() / (mask[b, i, :].sum() + 1e-6) * scale
+        for k in range(num_pos_feats):
+          t = temperature ** (2 * (k // 2) / num_pos_feats)
+          trig = math.sin if k % 2 == 0 else math.cos
+          out[b, i, j, k] = trig(y / t)
+          out[b, i, j, num_pos_feats + k] = trig(x / t)
+  return out
+
+
+def test_sine_position_encoding_matches_detr_formula():
+  rng = np.random.default_rng(0)
+  mask = np.zeros((3, 5, 4), bool)
+  mask[0] = True
+  mask[1, :3, :2] = True  # Padded bottom/right.
+  mask[2] = rng.random((5, 4)) < 0.6  # Any mask.
+  got = detr.sine_position_encoding(jnp.asarray(mask), 6)
+  np.testing.assert_allclose(got, _naive_sine_encoding(mask, 6), rtol=1e-5, atol=1e-5)
+  # The real part of a padded image is encoded as the same image unpadded.
+  np.testing.assert_allclose(got[1, :3, :2],
+                             detr.sine_position_encoding(jnp.ones((1, 3, 2), bool), 6)[0],
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_mask_resize_is_torch_nearest():
+  """F.interpolate(mode="nearest") of a 70x45 map to 3x4 samples rows 0, 23, 46 and columns
+  0, 11, 22, 33 (computed with torch 2.14)."""
+  grid = np.arange(70)[:, None] * 100 + np.arange(45)[None]
+  got = detr.resize_mask_nearest(jnp.asarray(grid[None]), (3, 4))[0]
+  np.testing.assert_array_equal(got, [[0, 11, 22, 33], [2300, 2311, 2322, 2333],
+                                      [4600, 4611, 4622, 4633]])
+
+
+class _PatchifyBackbone(nn.Module):
+  """A stride-32 patch embedding: each feature sees only its own 32x32 pixels, so the
+  features of real pixels are the same with or without padding (padding gets nonzero ones)."""
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, images, *, train=False):
+    del train
+    x = nn.Conv(16, (32, 32), strides=32, padding="VALID", name="patchify")(images)
+    return x.mean(axis=(1, 2)), {"stage1": x}
+
+
+def test_padding_with_pixel_mask_changes_nothing(monkeypatch):
+  """Images padded (bottom/right, by multiples of the stride, with random pixels) and their
+  pixel_mask give every output of the images alone: the mask reaches the position encoding,
+  the encoder's keys and the decoder's cross-attention."""
+  real_get = models.get
+  monkeypatch.setattr(models, "get", lambda name: types.SimpleNamespace(
+      Model=_PatchifyBackbone) if name == "resnet" else real_get(name))
+  model = detr.Model(**{**TINY, "backbone_kwargs": {}, "enc_layers": 2})
+  sizes = [(64, 64), (96, 32)]
+  padded = _images((2, 128, 96, 3), seed=1)
+  pixel_mask = np.zeros((2, 128, 96), bool)
+  for b, (h, w) in enumerate(sizes):
+    pixel_mask[b, :h, :w] = True
+  variables = _random_variables(model, padded, pixel_mask)
+  variables["params"]["backbone"]["patchify"]["bias"] += 1.0  # Padding's features nonzero.
+  out, aux = jax.jit(model.apply)(variables, padded, pixel_mask=pixel_mask)
+  for b, (h, w) in enumerate(sizes):
+    alone, alone_aux = jax.jit(model.apply)(variables, padded[b:b + 1, :h, :w])
+    for key in ("logits", "boxes"):
+      np.testing.assert_allclose(out[key][b], alone[key][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(aux["decoder_logits"][:, b], alone_aux["decoder_logits"][:, 0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_training_keeps_backbone_norms_and_uses_dropout():
+  """Train mode: the frozen backbone norms come back unchanged and are no parameters (so get
+  no gradient or update), and dropout makes train differ from eval, deterministically per
+  key."""
+  model = detr.Model(**TINY)
+  images = _images((2, 64, 64, 3))
+  variables = _random_variables(model, images)
+  params = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  assert [k for k in params if k.startswith("backbone/")] and not [
+      k for k in params if k.startswith("backbone/") and "bn" in k]
+
+  @jax.jit
+  def train_and_eval(key):
+    (out, _), updated = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                    rngs={"dropout": key})
+    return out, updated, model.apply(variables, images)[0]
+
+  out, updated, eval_out = train_and_eval(DROPOUT_KEY)
+  jax.tree.map(np.testing.assert_array_equal, updated["batch_stats"], variables["batch_stats"])
+  assert not np.allclose(out["logits"], eval_out["logits"])
+  np.testing.assert_array_equal(out["logits"], train_and_eval(DROPOUT_KEY)[0]["logits"])
+
+
+@pytest.mark.parametrize("backbone, kwargs, stage, grid", [
+    ("convnext2", dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 16)), None, (2, 2)),
+    ("resnet", TINY["backbone_kwargs"], "stage3", (4, 4)),
+    ("internimage", dict(channels=16, depths=(1, 1, 1, 1), group_channels=8), None, (2, 2)),
+])
+def test_other_backbones_and_stages(backbone, kwargs, stage, grid):
+  """Any registered conv backbone; its last "stage<n>" map unless backbone_stage says."""
+  model = detr.Model(**{**TINY, "backbone": backbone, "backbone_kwargs": kwargs,
+                        "backbone_stage": stage})
+  images = jnp.zeros((1, 64, 64, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  out, aux = jax.eval_shape(model.apply, variables, images)
+  assert aux["features"].shape[1:3] == grid and out["logits"].shape == (1, 5, 4)
+  assert "head" not in variables["params"]["backbone"]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("backbone", "nope", "'backbone'"), ("backbone", "detr", "'backbone'"),
+    ("hidden", 30, "'hidden'"), ("num_heads", 3, "'hidden'"), ("dropout", 1.0, "'dropout'"),
+    ("num_queries", 0, "'num_queries'"), ("dec_layers", 0, "'dec_layers'"),
+    ("enc_layers", -1, "'enc_layers'"), ("backbone_kwargs", [1], "'backbone_kwargs'")])
+def test_bad_field_is_named(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    detr.Model(**{**TINY, field: value})
+
+
+def test_bad_stage_and_mask_are_named():
+  images = jnp.zeros((1, 64, 64, 3))
+  model = detr.Model(**{**TINY, "backbone_stage": "stage9"})
+  with pytest.raises(ValueError, match="'backbone_stage' 'stage9'.*stage4"):
+    jax.eval_shape(model.init, jax.random.key(0), images)
+  with pytest.raises(ValueError, match="pixel_mask must be"):
+    jax.eval_shape(functools.partial(detr.Model(**TINY).init, pixel_mask=jnp.ones((1, 64, 32))),
+                   jax.random.key(0), images)
