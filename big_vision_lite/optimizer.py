@@ -3,7 +3,9 @@
 Config fields: `optax_name` ("adamw" | "sgd" | "lion" | "adafactor"), `optax` (kwargs of
 that optax function), `lr`, `wd` (decoupled for every optimiser: a step subtracts
 lr(step) * wd * param from each leaf matching `wd_mask`, default `.*kernel$`), `schedule`
-(`decay_type`, `warmup_steps` or `warmup_percent`, `end_lr_ratio`, `timescale` of rsqrt),
+(`decay_type`, `warmup_steps` or `warmup_percent`, `end_lr_ratio`, `timescale` of rsqrt,
+`drop_at` and `drop_factor` of step: the lr times drop_factor at each fraction of
+`total_steps` in drop_at, e.g. DETR's (0.8,) and 0.1),
 `grad_clip_norm`, `frozen_params` (regexes of parameters that are not updated),
 `frozen_for_steps` (pairs (regex, n): matching parameters stay untouched for the first n
 steps, then start their own optimiser state as if new, on the run's schedules; DINO's
@@ -28,7 +30,7 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "lion": optax.lion,
     "adafactor": optax.adafactor,
 }
-DECAY_TYPES = ("cosine", "linear", "rsqrt", "constant")
+DECAY_TYPES = ("cosine", "linear", "rsqrt", "constant", "step")
 DEFAULT_WD_MASK = (r".*kernel$",)
 
 
@@ -47,6 +49,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or value < 0):
       raise ValueError(f"Config field 'schedule.{key}' must be a number >= 0, got {value!r}.")
+  drop_at = sched.get("drop_at") or ()
+  if decay == "step" and (not isinstance(drop_at, (tuple, list)) or not drop_at or any(
+      isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1 for f in drop_at)):
+    raise ValueError(f"Config field 'schedule.drop_at' must list fractions of total_steps in "
+                     f"(0, 1) for decay_type 'step', got {drop_at!r}.")
+  factor = sched.get("drop_factor", 0.1)
+  if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+    raise ValueError(f"Config field 'schedule.drop_factor' must be a number >= 0, got "
+                     f"{factor!r}.")
   for entry in config.get("frozen_for_steps") or ():
     if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
         or isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 0):
@@ -74,7 +85,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 to `lr`, then cosine/linear/rsqrt decay or constant."""
+  """Linear warm-up from 0 to `lr`, then cosine/linear/rsqrt decay, step drops or constant."""
   total = config.total_steps
   sched = config.get("schedule") or {}
   warmup = sched.get("warmup_steps")
@@ -93,6 +104,10 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   elif decay_type == "rsqrt":
     timescale = sched.get("timescale", 10_000)
     decay = lambda step: lr * (timescale / (step + timescale)) ** 0.5
+  elif decay_type == "step":
+    boundaries = {int(round(f * total)) - warmup: sched.get("drop_factor", 0.1)
+                  for f in sched["drop_at"]}
+    decay = optax.piecewise_constant_schedule(lr, boundaries)
   else:
     decay = optax.constant_schedule(lr)
   if warmup == 0:

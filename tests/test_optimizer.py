@@ -271,6 +271,19 @@ def test_frozen_params_stay_and_the_others_train_as_without_freezing(name):
     assert not np.allclose(got["head"][param], PARAMS["head"][param])
 
 
+def test_step_schedule_drops_the_lr_at_its_fractions():
+  config = ml_collections.ConfigDict(dict(total_steps=100, lr=0.5, schedule=dict(
+      decay_type="step", warmup_steps=10, drop_at=(0.5, 0.8), drop_factor=0.1)))
+  optimizer.validate_config(config)
+  schedule = optimizer.make_schedule(config)
+  got = [float(schedule(s)) for s in (0, 5, 10, 49, 50, 79, 80, 99)]
+  np.testing.assert_allclose(got, [0.0, 0.25, 0.5, 0.5, 0.05, 0.05, 0.005, 0.005], rtol=1e-6)
+  for drop_at in ((), (1.5,)):
+    config.schedule.drop_at = drop_at
+    with pytest.raises(ValueError, match="'schedule.drop_at'"):
+      optimizer.validate_config(config)
+
+
 def test_lr_mults_scale_learning_rate_and_weight_decay_of_matching_leaves():
   """AdamW per leaf: the dense leaves follow the lr table x 0.1 (as a torch param group at
   a tenth of the lr, its decoupled decay included), the others the plain table."""
