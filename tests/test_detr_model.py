@@ -116,10 +116,67 @@ class _PatchifyBackbone(nn.Module):
     return x.mean(axis=(1, 2)), {"stage1": x}
 
 
-def test_padding_with_pixel_mask_changes_nothing(monkeypatch):
+def _layer_norm(x, p):
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * p[
+      "scale"] + p["bias"]
+
+
+def _attention(p, q, k, v, key_mask):
+  """torch.nn.MultiheadAttention (eval) of q [Q, D] over k, v [N, D]; key_mask [N] (True =
+  attend), with flax's parameter layout (kernels [D, H, Dh] and [H, Dh, D])."""
+  project = lambda x, name: np.einsum("nd,dhk->nhk", x, p[name]["kernel"]) + p[name]["bias"]
+  qh, kh, vh = project(q, "query"), project(k, "key"), project(v, "value")
+  logits = np.einsum("qhk,nhk->hqn", qh, kh) / np.sqrt(qh.shape[-1])
+  logits = np.where(key_mask, logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  heads = np.einsum("hqn,nhk->qhk", weights, vh)
+  return np.einsum("qhk,hkd->qd", heads, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def _dense(x, p):
+  return x @ p["kernel"] + p["bias"]
+
+
+def _naive_detr_head(params, features, feature_mask, num_layers):
+  """DETR's transformer and heads (eval) for one image, written from the paper's code:
+  features [h, w, C], feature_mask [h, w] -> (logits [L, Q, C+1], boxes [L, Q, 4])."""
+  hidden = params["query_embed"].shape[1]
+  pos = _naive_sine_encoding(feature_mask[None], hidden // 2)[0].reshape(-1, hidden)
+  key_mask = feature_mask.reshape(-1)
+  src = _dense(features.reshape(-1, features.shape[-1]),
+               {"kernel": params["input_proj"]["kernel"][0, 0],
+                "bias": params["input_proj"]["bias"]})
+  ffn = lambda x, p: _dense(np.maximum(_dense(x, p["linear1"]), 0), p["linear2"])
+  for i in range(num_layers[0]):
+    p = params[f"encoder_layer{i}"]
+    src = _layer_norm(src + _attention(p["self_attn"], src + pos, src + pos, src, key_mask),
+                      p["norm1"])
+    src = _layer_norm(src + ffn(src, p), p["norm2"])
+  query_pos = params["query_embed"]
+  tgt = np.zeros_like(query_pos)
+  everywhere = np.ones(len(query_pos), bool)
+  outputs = []
+  for i in range(num_layers[1]):
+    p = params[f"decoder_layer{i}"]
+    tgt = _layer_norm(tgt + _attention(p["self_attn"], tgt + query_pos, tgt + query_pos, tgt,
+                                       everywhere), p["norm1"])
+    tgt = _layer_norm(tgt + _attention(p["multihead_attn"], tgt + query_pos, src + pos, src,
+                                       key_mask), p["norm2"])
+    tgt = _layer_norm(tgt + ffn(tgt, p), p["norm3"])
+    outputs.append(_layer_norm(tgt, params["decoder_norm"]))
+  hs = np.stack(outputs)
+  box = params["bbox_embed"]
+  box_hidden = np.maximum(_dense(np.maximum(_dense(hs, box["layers_0"]), 0), box["layers_1"]), 0)
+  return (_dense(hs, params["class_embed"]),
+          1 / (1 + np.exp(-_dense(box_hidden, box["layers_2"]))))
+
+
+def test_padding_with_pixel_mask_changes_nothing_and_matches_numpy(monkeypatch):
   """Images padded (bottom/right, by multiples of the stride, with random pixels) and their
-  pixel_mask give every output of the images alone: the mask reaches the position encoding,
-  the encoder's keys and the decoder's cross-attention."""
+  pixel_mask give every output of the images alone (the mask reaches the position encoding,
+  the encoder's keys and the decoder's cross-attention), and every decoder layer's outputs
+  are those of DETR's transformer written naively in numpy."""
   real_get = models.get
   monkeypatch.setattr(models, "get", lambda name: types.SimpleNamespace(
       Model=_PatchifyBackbone) if name == "resnet" else real_get(name))
@@ -138,6 +195,11 @@ def test_padding_with_pixel_mask_changes_nothing(monkeypatch):
       np.testing.assert_allclose(out[key][b], alone[key][0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(aux["decoder_logits"][:, b], alone_aux["decoder_logits"][:, 0],
                                rtol=1e-5, atol=1e-5)
+    logits, boxes = _naive_detr_head(
+        jax.tree.map(np.float64, variables["params"]), np.float64(aux["features"][b]),
+        pixel_mask[b, ::32, ::32], (2, 2))
+    np.testing.assert_allclose(aux["decoder_logits"][:, b], logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(aux["decoder_boxes"][:, b], boxes, rtol=1e-4, atol=1e-5)
 
 
 def test_training_keeps_backbone_norms_and_uses_dropout():
