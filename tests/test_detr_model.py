@@ -38,13 +38,28 @@ def _images(shape, seed=0):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
-def test_output_contract():
+@pytest.fixture(scope="module")
+def tiny_run():
+  """The TINY model on two images (one padded), compiled once: variables, eval-mode (out,
+  aux), and `train(key)` -> (out, updated batch_stats) in train mode with dropout."""
   model = detr.Model(**TINY)
   images = _images((2, 96, 64, 3))
   pixel_mask = np.zeros((2, 96, 64), bool)
   pixel_mask[0, :64, :64] = pixel_mask[1] = True
   variables = _random_variables(model, images, pixel_mask)
-  out, aux = jax.jit(model.apply)(variables, images, pixel_mask=pixel_mask)
+
+  @jax.jit
+  def run(key):
+    (train_out, _), updated = model.apply(variables, images, train=True, pixel_mask=pixel_mask,
+                                          mutable=["batch_stats"], rngs={"dropout": key})
+    return model.apply(variables, images, pixel_mask=pixel_mask), (train_out, updated)
+
+  eval_result, _ = run(DROPOUT_KEY)
+  return variables, eval_result, lambda key: run(key)[1]
+
+
+def test_output_contract(tiny_run):
+  variables, (out, aux), _ = tiny_run
   assert out["logits"].shape == (2, 5, 4) and out["boxes"].shape == (2, 5, 4)
   assert aux["decoder_logits"].shape == (2, 2, 5, 4) and aux["decoder_boxes"].shape == (2, 2, 5, 4)
   np.testing.assert_array_equal(aux["decoder_logits"][-1], out["logits"])
@@ -189,12 +204,13 @@ def test_padding_with_pixel_mask_changes_nothing_and_matches_numpy(monkeypatch):
   variables = _random_variables(model, padded, pixel_mask)
   variables["params"]["backbone"]["patchify"]["bias"] += 1.0  # Padding's features nonzero.
   out, aux = jax.jit(model.apply)(variables, padded, pixel_mask=pixel_mask)
-  for b, (h, w) in enumerate(sizes):
-    alone, alone_aux = jax.jit(model.apply)(variables, padded[b:b + 1, :h, :w])
-    for key in ("logits", "boxes"):
-      np.testing.assert_allclose(out[key][b], alone[key][0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(aux["decoder_logits"][:, b], alone_aux["decoder_logits"][:, 0],
-                               rtol=1e-5, atol=1e-5)
+  # The second image alone (one compile; the numpy reference covers both in the batch).
+  alone, alone_aux = jax.jit(model.apply)(variables, padded[1:, :96, :32])
+  for key in ("logits", "boxes"):
+    np.testing.assert_allclose(out[key][1], alone[key][0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(aux["decoder_logits"][:, 1], alone_aux["decoder_logits"][:, 0],
+                             rtol=1e-5, atol=1e-5)
+  for b in range(2):
     logits, boxes = _naive_detr_head(
         jax.tree.map(np.float64, variables["params"]), np.float64(aux["features"][b]),
         pixel_mask[b, ::32, ::32], (2, 2))
@@ -202,27 +218,19 @@ def test_padding_with_pixel_mask_changes_nothing_and_matches_numpy(monkeypatch):
     np.testing.assert_allclose(aux["decoder_boxes"][:, b], boxes, rtol=1e-4, atol=1e-5)
 
 
-def test_training_keeps_backbone_norms_and_uses_dropout():
+def test_training_keeps_backbone_norms_and_uses_dropout(tiny_run):
   """Train mode: the frozen backbone norms come back unchanged and are no parameters (so get
   no gradient or update), and dropout makes train differ from eval, deterministically per
   key."""
-  model = detr.Model(**TINY)
-  images = _images((2, 64, 64, 3))
-  variables = _random_variables(model, images)
+  variables, (eval_out, _), train = tiny_run
   params = flax.traverse_util.flatten_dict(variables["params"], sep="/")
   assert [k for k in params if k.startswith("backbone/")] and not [
       k for k in params if k.startswith("backbone/") and "bn" in k]
-
-  @jax.jit
-  def train_and_eval(key):
-    (out, _), updated = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                    rngs={"dropout": key})
-    return out, updated, model.apply(variables, images)[0]
-
-  out, updated, eval_out = train_and_eval(DROPOUT_KEY)
+  out, updated = train(DROPOUT_KEY)
   jax.tree.map(np.testing.assert_array_equal, updated["batch_stats"], variables["batch_stats"])
   assert not np.allclose(out["logits"], eval_out["logits"])
-  np.testing.assert_array_equal(out["logits"], train_and_eval(DROPOUT_KEY)[0]["logits"])
+  np.testing.assert_array_equal(out["logits"], train(DROPOUT_KEY)[0]["logits"])
+  assert not np.allclose(out["logits"], train(jax.random.key(2, impl="unsafe_rbg"))[0]["logits"])
 
 
 @pytest.mark.parametrize("backbone, kwargs, stage, grid", [
@@ -239,6 +247,18 @@ def test_other_backbones_and_stages(backbone, kwargs, stage, grid):
   out, aux = jax.eval_shape(model.apply, variables, images)
   assert aux["features"].shape[1:3] == grid and out["logits"].shape == (1, 5, 4)
   assert "head" not in variables["params"]["backbone"]
+
+
+def test_default_backbone_is_frozen_resnet50():
+  """DETR's default: a headless ResNet-50 (bottlenecks, 3-4-6-3 blocks) with frozen norms."""
+  images = jnp.zeros((1, 64, 64, 3))
+  variables = jax.eval_shape(detr.Model(num_classes=3).init, jax.random.key(0), images)
+  backbone = variables["params"]["backbone"]
+  assert {k for k in backbone if k.startswith("layer")} == {
+      f"layer{s}_block{i}" for s, n in zip(range(1, 5), (3, 4, 6, 3)) for i in range(n)}
+  assert backbone["layer4_block2"]["conv3"]["kernel"].shape == (1, 1, 512, 2048)
+  assert "head" not in backbone and "bn1" not in backbone
+  assert variables["params"]["input_proj"]["kernel"].shape == (1, 1, 2048, 256)
 
 
 @pytest.mark.parametrize("field, value, match", [
