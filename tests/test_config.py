@@ -41,8 +41,8 @@ def test_default_config_is_valid():
 
 def test_models_get_lists_known_names():
   assert models.get("vit").Model
-  with pytest.raises(ValueError, match=r"Unknown model_name 'resnet'; known: .*vit"):
-    models.get("resnet")
+  with pytest.raises(ValueError, match=r"Unknown model_name 'swin'; known: .*resnet, vit"):
+    models.get("swin")
 
 
 @pytest.mark.parametrize("mutate,message", [
