@@ -3,9 +3,9 @@
 Small timm models with every parameter and BatchNorm statistic randomised (heads and norms
 included); `meta.json` records the timm and torch versions and the seed that made them.
 ViT: class-token and average-pooled models, 3 to 16 heads, exact and tanh GELU, patch sizes
-8, 14, 16 and 32, qkv without bias, a headless model and non-square inputs. ResNet:
-basic and bottleneck blocks at width 8 with fewer blocks, a headless one on a non-square input. Needs torch and
-timm: `python tests/make_timm_reference.py [--out DIR] [--seed N] [--only REGEX]
+8, 14, 16 and 32, qkv without bias, a headless model and non-square inputs. ResNet: basic
+and bottleneck blocks at width 8 with fewer blocks, a headless one on a non-square input.
+Needs torch and timm: `python tests/make_timm_reference.py [--out DIR] [--seed N] [--only REGEX]
 [--vit-definitions]`; the last also writes `vit_definitions.json`, what installed timm
 defines for every `vit_*_patch{8,14,16,32}_*` name. Tests read the saved files with
 `load(directory)`.
@@ -93,15 +93,16 @@ REFERENCES: dict[str, Reference] = {
     "mobilevitv2_175": Reference(  # Widths 8, 16, 32, 40, 56; stem 4.
         "mobilevitv2_175", dict(width_factor=0.0625, num_classes=3), (64, 64), weight_std=0.2,
         takes_img_size=False),
-    # ResNet: `channels`/`stem_width` shrink the widths (width 8), `layers` the depth.
+    # ResNet: `channels` shrinks the stages to width 8 (the 7x7 stem stays 64 wide: timm
+    # reads stem_width only for deep stems), `layers` the depth.
     "resnet18_shrunk": Reference(
-        "resnet18", dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10), (64, 64),
+        "resnet18", dict(channels=(8, 16, 32, 64), num_classes=10), (64, 64),
         weight_std=0.1, takes_img_size=False),
     "resnet34_rect_headless": Reference(  # Basic blocks, 3x2 final map.
-        "resnet34", dict(channels=(8, 16, 32, 64), stem_width=8, layers=(1, 2, 1, 1),
+        "resnet34", dict(channels=(8, 16, 32, 64), layers=(1, 2, 1, 1),
                          num_classes=0), (96, 64), weight_std=0.1, takes_img_size=False),
     "resnet50_shrunk": Reference(  # Bottlenecks, downsampling shortcut in every stage.
-        "resnet50", dict(channels=(8, 16, 32, 64), stem_width=8, layers=(2, 1, 2, 1),
+        "resnet50", dict(channels=(8, 16, 32, 64), layers=(2, 1, 2, 1),
                          num_classes=7), (64, 64), weight_std=0.1, takes_img_size=False),
 }
 

@@ -6,7 +6,8 @@ stride 2; four stages of basic blocks (depth 18, 34) or bottleneck blocks (50, 1
 with `width * 2**i` channels (x4 at a bottleneck's output), stages 2-4 opened with stride
 2 (a 1x1 conv + BatchNorm shortcut wherever the shape changes); head: global average pool
 -> Dense. `width` (64 in the paper), `stem_width` (the stem conv's channels, `width` if
-None) and `stage_sizes` shrink it, e.g. a CPU-sized `Model(depth=18, width=16)`. Convolutions have no bias; BatchNorm epsilon is 1e-5.
+None) and `stage_sizes` shrink it, e.g. a CPU-sized `Model(depth=18, width=16)`.
+Convolutions have no bias; BatchNorm epsilon is 1e-5.
 
 BatchNorm: by default flax's, with `scale`/`bias` in "params" and running `mean`/`var` in
 "batch_stats" (updated in train mode with momentum 0.9, i.e. torch's 0.1; call with
