@@ -271,6 +271,14 @@ def test_bad_field_is_named(field, value, match):
     detr.Model(**{**TINY, field: value})
 
 
+def test_backbone_kwargs_may_be_a_config_dict():
+  """A config's `model.backbone_kwargs` arrives as an ml_collections ConfigDict."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  kwargs = ml_collections.ConfigDict(TINY["backbone_kwargs"])
+  model = detr.Model(**{**TINY, "backbone_kwargs": kwargs})
+  assert model.backbone_model_kwargs() == {**TINY["backbone_kwargs"], "num_classes": 0}
+
+
 def test_bad_stage_and_mask_are_named():
   images = jnp.zeros((1, 64, 64, 3))
   model = detr.Model(**{**TINY, "backbone_stage": "stage9"})

@@ -168,7 +168,8 @@ class Model(nn.Module):
   mlp_dim: int = 2048
   dropout: float = 0.1
   backbone: str = "resnet"
-  backbone_kwargs: Mapping[str, Any] | None = None  # None: DEFAULT_BACKBONE_KWARGS.
+  # A mapping (dict or ConfigDict) of the backbone's fields; None: DEFAULT_BACKBONE_KWARGS.
+  backbone_kwargs: Mapping[str, Any] | None = None
   backbone_stage: str | None = None  # aux key of the backbone's map; None: last "stage<n>".
 
   def __post_init__(self):
@@ -182,7 +183,7 @@ class Model(nn.Module):
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"Model field 'dropout' must be in [0, 1), got {self.dropout!r}.")
     vit.check_choice("backbone", self.backbone, [m for m in models.KNOWN if m != "detr"])
-    if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, Mapping):
+    if self.backbone_kwargs is not None and not hasattr(self.backbone_kwargs, "keys"):
       raise ValueError(f"Model field 'backbone_kwargs' must be a mapping of the backbone's "
                        f"Model fields or None, got {self.backbone_kwargs!r}.")
     if self.backbone_stage is not None and not isinstance(self.backbone_stage, str):
