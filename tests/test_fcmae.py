@@ -28,6 +28,12 @@ def images(n: int, side: int = 64, seed: int = 0) -> jax.Array:
                      jnp.float32)
 
 
+def compile_once(fn, *args, **kwargs):
+  """`fn` compiled for `args` without XLA's optimisations, which would cost more than the
+  tests' few calls save (eager calls would compile every op on its own)."""
+  return jax.jit(fn).lower(*args, **kwargs).compile({"xla_backend_optimization_level": 0})
+
+
 def test_random_mask_keeps_the_paper_count_per_image():
   visible = np.asarray(fcmae.random_mask(jax.random.key(0), 64, (7, 7), 0.6))
   assert visible.shape == (64, 7, 7, 1)
@@ -77,11 +83,12 @@ def test_masked_pixels_never_reach_the_prediction():
   model = fcmae.Model(**TINY)
   x = images(2, 64)
   visible = fcmae.random_mask(jax.random.key(3), 2, (2, 2), 0.5)
-  variables = model.init(jax.random.key(0), x, mask=visible)
+  variables = compile_once(model.init, jax.random.key(0), x, mask=visible)(
+      jax.random.key(0), x, mask=visible)
   pixel_visible = fcmae.pixel_mask(visible, 3)
   noise = images(2, 64, seed=7) * 50
   changed = jnp.where(pixel_visible > 0, x, noise)
-  apply = jax.jit(model.apply)
+  apply = compile_once(model.apply, variables, x, mask=visible)
   pred, aux = apply(variables, x, mask=visible)
   pred_changed, aux_changed = apply(variables, changed, mask=visible)
   np.testing.assert_allclose(pred_changed, pred, atol=1e-5)
@@ -96,12 +103,13 @@ def test_task_loss_is_the_masked_mse_of_its_own_mask():
   model = fcmae.Model(**TINY)
   task = fcmae_task.FCMAE(config, model)
   x = images(4, 64)
-  params = task.init(jax.random.key(0), {"image": x})["params"]
-  rng = jax.random.key(5)
-  loss, (metrics, _) = task.loss(params, {}, {"image": x}, rng)
+  rng, batch = jax.random.key(5), {"image": x}
+  params = compile_once(task.init, rng, batch)(jax.random.key(0), batch)["params"]
+  loss, (metrics, _) = compile_once(task.loss, params, {}, batch, rng)(params, {}, batch, rng)
   mask_rng, _ = jax.random.split(rng)
   visible = fcmae.random_mask(mask_rng, 4, (2, 2), 0.6)
-  pred, _ = model.apply({"params": params}, x, mask=visible)
+  variables = {"params": params}
+  pred, _ = compile_once(model.apply, variables, x, mask=visible)(variables, x, mask=visible)
   want = fcmae.masked_mse(pred, fcmae.patch_targets(x), visible)
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   assert float(metrics["visible_fraction"]) == 0.25  # int(4 · 0.4) = 1 of 4 cells
@@ -152,25 +160,30 @@ def test_channel_distance_against_numpy_and_closed_forms():
 
 
 def test_block_features_are_in_stage_order_for_both_models():
-  x = images(2, 64)
+  # 4 images as in test_pretraining_lowers_the_loss_and_draws, which then reuses the ops
+  # that eager flax compiled here.
+  x = images(4, 64)
   classifier = convnext2.Model(num_classes=3, depths=(1, 2, 1, 1), dims=(8, 16, 24, 32))
   pre_training = fcmae.Model(**dict(TINY, depths=(1, 2, 1, 1)))
   for model in (classifier, pre_training):
-    variables = model.init(jax.random.key(0), x)
+    variables = compile_once(model.init, jax.random.key(0), x)(jax.random.key(0), x)
     features = feature_collapse.block_features(model, variables, x)
     assert [n.split("/")[-1] for n in features] == [
         "stage0_block0", "stage1_block0", "stage1_block1", "stage2_block0", "stage3_block0"]
-    assert features[list(features)[1]].shape == (2, 8, 8, 64)
+    assert features[list(features)[1]].shape == (4, 8, 8, 64)
     assert all(0 < v < 1 for v in feature_collapse.per_block_distance(
         model, variables, x).values())
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  """A short configs/fcmae.py run (tiny encoder): (run dir, its config, train losses)."""
+  """A short configs/fcmae.py run (tiny encoder) on one device: (run dir, its config, train
+  losses). One device compiles and steps in about half the time of the 8 virtual ones; that
+  a run on many devices trains like one on one device is test_train's."""
   pre_dir = str(tmp_path_factory.mktemp("fcmae"))
   config = fcmae_config.get_config("total_steps=40,batch_size=16,lr=3e-3,decoder_dim=32")
   config.model.update(depths=TINY["depths"], dims=TINY["dims"])
+  config.mesh = [("data", 1)]
   config.log_training_steps = 5
   config.input.data.split = "train[:256]"
   train.train_and_evaluate(config, pre_dir)
@@ -203,9 +216,6 @@ def test_pretraining_beats_the_untrained_model_and_the_visible_mean_fill(pretrai
   data = dict(config.input.data, split="test")
   pp = 'decode|resize(64)|value_range(-1, 1)|keep("image")'
   batch = {"image": jnp.asarray(next(data_lib.make_eval_iterator(data, pp, 16))["image"])}
-  # Compiled without XLA's optimisations, which would cost more than the runs save.
-  compile_once = lambda fn, *args: jax.jit(fn).lower(*args).compile(
-      {"xla_backend_optimization_level": 0})
   rng, variables = jax.random.key(0), checkpointing.load_variables(pre_dir)
   predict = compile_once(task.predict, variables, batch)
   trained = predict(variables, batch)
@@ -226,7 +236,8 @@ def test_finetuning_params_are_the_encoder_and_a_fresh_head(pretrained):
   exactly, and the fresh init's head and head_norm."""
   pre_dir, _, _ = pretrained
   model = convnext2.Model(num_classes=10, depths=TINY["depths"], dims=TINY["dims"])
-  fresh = model.init(jax.random.key(1), images(1))["params"]
+  x = images(1)
+  fresh = compile_once(model.init, jax.random.key(1), x)(jax.random.key(1), x)["params"]
   pre = utils.flatten_names(checkpointing.load_params(pre_dir)["encoder"])
   merged = checkpointing.merge_init_params(
       fresh, convnext2.load(fresh, checkpointing.load_params(pre_dir), {}), (), "fcmae")
