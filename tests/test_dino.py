@@ -269,10 +269,16 @@ def test_config_errors_name_the_field():
                            "packed=true")
 
 
+def dropout_config():
+  """tiny_config of 6 steps with dropout in the backbone (so the RNG must resume too)."""
+  config = tiny_config(total_steps=6)
+  config.model.backbone.dropout = 0.1
+  return config
+
+
 def test_resume_is_exact_with_teacher_center_and_schedules(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  config = tiny_config(total_steps=6)
-  config.model.backbone.dropout = 0.1  # The RNG must resume too.
+  config = dropout_config()
   train.train_and_evaluate(config, straight)
   train.train_and_evaluate(config, resumed, stop_after_steps=3)
   train.train_and_evaluate(config, resumed)
@@ -287,7 +293,9 @@ def test_resume_is_exact_with_teacher_center_and_schedules(tmp_path):
 
 def test_classifier_fine_tunes_from_the_teacher_backbone(tmp_path):
   dino_dir = str(tmp_path / "dino")
-  train.train_and_evaluate(tiny_config(total_steps=2), dino_dir)
+  # The resume test's run, stopped after 2 steps: its compiled programs are in the session's
+  # cache.
+  train.train_and_evaluate(dropout_config(), dino_dir, stop_after_steps=2)
   import vit as vit_config  # pylint: disable=g-import-not-at-top
   config = vit_config.get_config("res=32,batch_size=8,total_steps=1")
   config.model = dict(TINY_BACKBONE, num_classes=10, pool_type="tok")
