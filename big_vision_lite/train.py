@@ -443,7 +443,9 @@ def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
                state_shardings: dict[str, Any]) -> dict[str, Any]:
   """Replaces the fresh params (and BatchNorm statistics etc.) by those of another run or
   an imported checkpoint; `init_skip` regexes keep matching entries fresh. A run of a
-  model wrapping this one (`config_lib.backbone_source`, e.g. DINO) gives its backbone."""
+  model wrapping this one (`config_lib.backbone_source`, e.g. DINO) gives its backbone; a
+  run or import of this model's backbone alone fills it (the module's `load_backbone`,
+  e.g. DETR)."""
   path = config.init_from
   module = models.get(config.model_name)
   name, source_model = checkpointing.read_run_model(path)  # validate() checked it loads here.
@@ -455,6 +457,10 @@ def _init_from(config: ml_collections.ConfigDict, state: dict[str, Any],
               if source.BACKBONE_KEY in values}
   else:
     loaded = checkpointing.load_variables(path)
+  if name != config.model_name and hasattr(module, "load_backbone"):
+    # A run or import of the backbone alone (e.g. an ImageNet ResNet for DETR).
+    loaded = module.load_backbone({"params": _to_host(state["params"]),
+                                   **_to_host(state["extra"])}, loaded, config.model.to_dict())
   skip = config.get("init_skip") or ()
   init_params = _to_host(state["params"])
   loaded_params = loaded.pop("params")

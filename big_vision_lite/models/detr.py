@@ -41,10 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite import models
+from big_vision_lite.models import resnet
 from big_vision_lite.models import vit
 
 # Backbone kwargs when `backbone_kwargs` is None: DETR's ResNet-50 with frozen BatchNorm.
 DEFAULT_BACKBONE_KWARGS: dict[str, dict[str, Any]] = {"resnet": dict(depth=50, frozen_bn=True)}
+# init_from also takes a run or import (tools/import_timm.py) of a backbone: `load_backbone`.
+LOADS_FROM = ("resnet", "convnext2", "internimage")
 XAVIER = nn.initializers.xavier_uniform()  # DETR's transformer initialisation.
 LAYERNORM_EPS = 1e-5  # torch's LayerNorm default.
 STAGE_KEY = re.compile(r"^stage(\d+)$")
@@ -255,3 +258,19 @@ class Model(nn.Module):
     aux = {"decoder_logits": logits, "decoder_boxes": boxes, "features": features,
            "feature_mask": mask}
     return out, aux
+
+
+def load_backbone(init_variables: Mapping[str, Any], loaded_variables: Mapping[str, Any],
+                  model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """The variables of a DETR (`model_kwargs`) whose backbone comes from a checkpoint of the
+  backbone model alone (e.g. timm's ImageNet ResNet-50, imported): the checkpoint's
+  collections without its classifier "head" go under "backbone", with the norms moved into
+  "batch_stats" (`resnet.freeze_batch_norm`) when the DETR's backbone has `frozen_bn`;
+  everything else keeps its `init_variables` value."""
+  loaded = {collection: {k: v for k, v in values.items() if k != "head"}
+            for collection, values in loaded_variables.items()}
+  if Model(**model_kwargs).backbone_model_kwargs().get("frozen_bn"):
+    loaded = resnet.freeze_batch_norm(loaded)
+  return {collection: dict(values, backbone=loaded[collection])
+          if collection in loaded and "backbone" in values else dict(values)
+          for collection, values in init_variables.items()}
