@@ -291,12 +291,13 @@ def test_packed_bad_records_are_counted_across_resume(corrupt_dir):
   assert first.skipped_records + resumed.skipped_records == 2
 
 
-def _crash_trials(tmp_path, trials):
-  """Runs the kill -9 tool on 8-step runs (checkpoints every 2 steps); returns its figures
-  after checking them and, independently, every trial's logged losses and final params."""
+def _crash_trials(tmp_path, trials, *flags):
+  """Runs the kill -9 tool on 8-step runs (checkpoints every 2 steps) with `flags`; returns
+  its figures after checking them and, independently, every trial's logged losses and final
+  params."""
   figures_path = tmp_path / "figures.json"
   cmd = [sys.executable, "-m", "big_vision_lite.tools.crash_trials", f"--trials={trials}",
-         f"--workdir_root={tmp_path}", "--total_steps=8", f"--json={figures_path}"]
+         f"--workdir_root={tmp_path}", "--total_steps=8", f"--json={figures_path}", *flags]
   env = dict(os.environ, PYTHONPATH=REPO)
   done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -328,10 +329,13 @@ def _crash_trials(tmp_path, trials):
 
 
 def test_kill_9_trials(tmp_path):
-  """Two runs killed (seed 0: one inside the final save, of step 8, so that step 6 is
-  restored; one at a moment uniform over training) resume from their newest complete
-  checkpoint and then log the reference's losses and end with its params."""
-  _crash_trials(tmp_path, 2)
+  """A run killed inside a save (seed 0: the final save, of step 8, the hardest moment: a
+  save in flight and step 6 the newest complete one) resumes from its newest complete
+  checkpoint and then logs the reference's losses and ends with its params. One trial (3
+  runs, not the 5 of two trials) keeps the default run short; kills at moments uniform over
+  training and during start-up are the slow test_kill_9_trials_20's."""
+  figures = _crash_trials(tmp_path, 1, "--startup_kill_fraction=0", "--save_kill_fraction=1")
+  assert figures["restored_steps"] == [6], figures
 
 
 @pytest.mark.slow
