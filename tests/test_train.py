@@ -108,19 +108,24 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
 
 
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory) -> str:
+  """Workdir of tiny_config(total_steps=3) trained on 1 device (shared by the tests below)."""
+  workdir = str(tmp_path_factory.mktemp("one_device"))
+  train.train_and_evaluate(tiny_config(total_steps=3), workdir)
+  return workdir
+
+
 @pytest.mark.parametrize("devices,rules", [(8, [(".*", "replicate")]), (8, [(".*", "fsdp")])])
-def test_same_loss_on_one_and_eight_devices(tmp_path, devices, rules):
+def test_same_loss_on_one_and_eight_devices(one_device_run, tmp_path, devices, rules):
   assert jax.device_count() >= 8, "conftest sets 8 host devices"
-  single = tiny_config(total_steps=3)
-  train.train_and_evaluate(single, str(tmp_path / "one"))
   sharded = tiny_config(total_steps=3, mesh=[("data", devices)], sharding_rules=rules)
   train.train_and_evaluate(sharded, str(tmp_path / "many"))
   loss = lambda d: [l["train/loss"] for l in read_metrics(d) if "train/loss" in l]
-  np.testing.assert_allclose(loss(str(tmp_path / "one")), loss(str(tmp_path / "many")),
-                             rtol=2e-5)
+  np.testing.assert_allclose(loss(one_device_run), loss(str(tmp_path / "many")), rtol=2e-5)
   # Adam turns float-rounding differences of near-zero gradients into ~1e-6 steps.
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
-               state_params(str(tmp_path / "one")), state_params(str(tmp_path / "many")))
+               state_params(one_device_run), state_params(str(tmp_path / "many")))
 
 
 def test_fsdp_rules_shard_params_and_optimizer_state():
@@ -223,9 +228,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   assert checkpointing.Checkpointer(workdir).all_steps()[-1] == 8
 
 
-def test_init_from_resamples_posemb_and_rejects_other_architecture(tmp_path):
-  source = str(tmp_path / "source")
-  train.train_and_evaluate(tiny_config(total_steps=2), source)
+def test_init_from_resamples_posemb_and_rejects_other_architecture(one_device_run, tmp_path):
+  source = one_device_run
   loaded = state_params(source)
   config = tiny_config(total_steps=1, init_from=source, lr=0.0)
   config.input.pp = config.input.pp.replace("resize(32)", "resize(48)")
