@@ -109,6 +109,7 @@ def test_random_size_crop_sizes():
     ((30, 20), (40,), 50, (49, 33)),
     ((20, 30), (20,), 64, (20, 30)),  # Already that size.
     ((10, 20), (15,), 23, (12, 23)),  # DETR gives long int(12 * 2) = 24 > 23: clipped.
+    ((32, 65), (32,), 64, (32, 64)),  # Short side already 32, long 65 > 64: clipped.
 ])
 def test_random_resize_closed_form(hw, sizes, max_size, expected):
   image = np.zeros(hw + (3,), np.uint8)

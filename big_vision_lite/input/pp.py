@@ -676,7 +676,7 @@ def detr_resized_hw(height: int, width: int, size: int, max_size: int | None
   limit = np.inf if max_size is None else max_size
   if max_size is not None and long / short * size > max_size:
     size = int(round(max_size * short / long))
-  if short == size:
+  if short == size and long <= limit:
     return height, width
   if width < height:
     return int(min(size * height / width, limit)), size
