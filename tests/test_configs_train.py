@@ -17,6 +17,10 @@ import pytest
 TRAIN_IMAGES = "train[:32]"
 LAST = 5  # The last logged losses averaged.
 MARGIN = 0.3  # Required fall below the first loss.
+# DETR's loss (set-loss terms of both decoder layers, ~18 untrained here) swings by ~1 from
+# batch to batch with its boxes: the last 10 steps' mean, 1.2 below the first loss. With
+# lr=0 that mean is 0.4 below it; with the case's lr 1.9.
+CHECKS = {"detr": (10, 1.2)}
 
 # config name -> (config arguments, model field overrides): the smallest size each allows.
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -40,6 +44,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                   dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16))),
     "internimage": ("res=32,batch_size=16,total_steps=30,lr=1e-2",
                     dict(channels=8, group_channels=8, depths=(1, 1, 1, 1))),
+    "detr": ("batch_size=8,total_steps=30,lr=3e-3",
+             dict(num_queries=6, hidden=16, num_heads=2, enc_layers=1, dec_layers=2, mlp_dim=32,
+                  backbone_kwargs=dict(depth=18, width=8, stage_sizes=(1, 1, 1, 1)))),
 }
 
 
@@ -56,4 +63,5 @@ def tiny_config(name: str):
 def test_config_trains(name, train_losses):
   losses = train_losses(tiny_config(name), log_every=1)
   assert len(losses) == tiny_config(name).total_steps
-  assert np.mean(losses[-LAST:]) < losses[0] - MARGIN, np.round(losses, 3)
+  last, margin = CHECKS.get(name, (LAST, MARGIN))
+  assert np.mean(losses[-last:]) < losses[0] - margin, np.round(losses, 3)
