@@ -13,6 +13,24 @@ def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def require_model_name(config: ml_collections.ConfigDict, name: str) -> None:
+  """Raises unless config field 'model_name' is `name`, the model the `name` task trains."""
+  if config.get("model_name") != name:
+    raise ValueError(f"Config field 'model_name' must be {name!r} for the {name} task, got "
+                     f"{config.get('model_name')!r}.")
+
+
+def task_fields(config: ml_collections.ConfigDict, field: str,
+                defaults: dict[str, Any]) -> dict[str, Any]:
+  """The config's `field` dict over `defaults`; a key not in `defaults` raises, naming them."""
+  fields = dict(config.get(field) or {})
+  unknown = set(fields) - set(defaults)
+  if unknown:
+    raise ValueError(f"Config field {field!r} takes {', '.join(defaults)}; got unknown "
+                     f"{sorted(unknown)}.")
+  return dict(defaults, **fields)
+
+
 class Task:
   """Base class: holds the model and applies it; subclasses define `loss` and `predict`.
 

@@ -24,6 +24,7 @@ import ml_collections
 
 from big_vision_lite.losses import detr as detr_losses
 from big_vision_lite.tasks import REGISTRY
+from big_vision_lite.tasks import base
 from big_vision_lite.tasks.base import Task
 
 DEFAULTS = dict(no_object_weight=0.1, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0,
@@ -33,12 +34,7 @@ BATCH_KEYS = ("image", "pixel_mask", "boxes", "labels", "box_mask")
 
 def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `detr` fields with their defaults, checked."""
-  fields = dict(config.get("detr") or {})
-  unknown = set(fields) - set(DEFAULTS)
-  if unknown:
-    raise ValueError(f"Config field 'detr' takes {', '.join(DEFAULTS)}; got unknown "
-                     f"{sorted(unknown)}.")
-  opts = dict(DEFAULTS, **fields)
+  opts = base.task_fields(config, "detr", DEFAULTS)
   for name in ("no_object_weight", "class_weight", "bbox_weight", "giou_weight"):
     value = opts[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -66,9 +62,7 @@ class DETR(Task):
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
-    if config.get("model_name") != "detr":
-      raise ValueError(f"Config field 'model_name' must be 'detr' for the detr task, got "
-                       f"{config.get('model_name')!r}.")
+    base.require_model_name(config, "detr")
     options(config)
 
   def __init__(self, config: ml_collections.ConfigDict, model: Any):

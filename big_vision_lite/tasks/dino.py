@@ -26,6 +26,7 @@ from big_vision_lite.losses import dino as dino_losses
 from big_vision_lite.models import dino as dino_model
 from big_vision_lite.models import navit
 from big_vision_lite.tasks import REGISTRY
+from big_vision_lite.tasks import base
 from big_vision_lite.tasks.base import Task
 
 DEFAULTS = dict(student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
@@ -35,12 +36,7 @@ CENTER = "dino"  # The extra collection holding {"center": [K]}.
 
 def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config's `dino` fields with their defaults, checked."""
-  fields = dict(config.get("dino") or {})
-  unknown = set(fields) - set(DEFAULTS)
-  if unknown:
-    raise ValueError(f"Config field 'dino' takes {', '.join(DEFAULTS)}; got unknown "
-                     f"{sorted(unknown)}.")
-  opts = dict(DEFAULTS, **fields)
+  opts = base.task_fields(config, "dino", DEFAULTS)
   for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
     if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)) or (
         opts[name] <= 0):
@@ -100,9 +96,7 @@ class DINO(Task):
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
-    if config.get("model_name") != "dino":
-      raise ValueError(f"Config field 'model_name' must be 'dino' for the dino task, got "
-                       f"{config.get('model_name')!r}.")
+    base.require_model_name(config, "dino")
     opts = options(config)
     backbone_name = dino_model.backbone(config.get("model") or {})
     if opts["packed"] and backbone_name != "navit":

@@ -13,6 +13,7 @@ import ml_collections
 
 from big_vision_lite.models import fcmae
 from big_vision_lite.tasks import REGISTRY
+from big_vision_lite.tasks import base
 from big_vision_lite.tasks.base import Task
 
 PREDICT_SEED = 0  # Masks of `predict`: fixed, so evaluations and pictures repeat.
@@ -51,9 +52,7 @@ class FCMAE(Task):
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
-    if config.get("model_name") != "fcmae":
-      raise ValueError(f"Config field 'model_name' must be 'fcmae' for the fcmae task, got "
-                       f"{config.get('model_name')!r}.")
+    base.require_model_name(config, "fcmae")
     options(config)
 
   def random_mask(self, images: jax.Array, rng: jax.Array) -> jax.Array:
