@@ -1,6 +1,5 @@
-"""Test set-up: 8 virtual CPU devices, the classic (fast-compiling) threefry and a JAX
-compilation cache shared by the session (all set before jax is imported), the `slow`
-marker and the live timm references."""
+"""Test set-up: 8 virtual CPU devices and a JAX compilation cache shared by the session
+(both set before jax is imported), the `slow` marker and the live timm references."""
 import importlib.util
 import json
 import os
@@ -14,10 +13,6 @@ import pytest
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# jax's default partitionable threefry compiles ~4x slower on CPU (a model's jitted init
-# took 23 s instead of 5 s): tests draw their random bits the classic way. Only the bits
-# differ; every property a test checks holds for any bits (subprocesses inherit it).
-os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 # Many tests train the same small configs: their steps compile once per session, not once
 # per test (subprocesses inherit the cache). A cache dir set by the caller is kept.
 _SESSION_CACHE = None

@@ -81,7 +81,10 @@ def test_loss_and_gradient_on_one_and_eight_devices_are_the_same():
   np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5)
   for key in ("last_ce", "last_l1", "last_giou"):
     np.testing.assert_allclose(metrics_eight[key], metrics_one[key], rtol=1e-5, err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  # Summation order differs across devices: float32 rounding of the largest gradients'
+  # sums, ~1e-7 of them, also lands on leaves whose exact gradient is ~0.
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_one))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6 * scale),
                grads_eight, grads_one)
 
 
