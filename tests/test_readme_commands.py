@@ -135,8 +135,8 @@ def test_readme_timm_fine_tune_runs(tmp_path):
   and records its fields."""
   shutil.copy(TIMM_TINY, tmp_path / "model.safetensors")
   link_configs(tmp_path)
-  imported = run(argv_of(readme_command("python -m big_vision_lite.tools.import_timm"),
-                         tmp_path), tmp_path)
+  import_command = readme_command("python -m big_vision_lite.tools.import_timm", "vit_small")
+  imported = run(argv_of(import_command, tmp_path), tmp_path)
   assert imported.returncode == 0, imported.stderr[-3000:]
   with open(tmp_path / "timm_s16" / "model.json") as f:
     recorded = json.load(f)["model"]
@@ -225,8 +225,8 @@ def test_readme_timm_fine_tune_at_full_size(tmp_path):
                          fill=lambda shape: 0.02 * rng.standard_normal(shape))
   save_file(state, str(tmp_path / "model.safetensors"))
   link_configs(tmp_path)
-  imported = run(argv_of(readme_command("python -m big_vision_lite.tools.import_timm"),
-                         tmp_path), tmp_path)
+  import_command = readme_command("python -m big_vision_lite.tools.import_timm", "vit_small")
+  imported = run(argv_of(import_command, tmp_path), tmp_path)
   assert imported.returncode == 0, imported.stderr[-3000:]
   command = readme_command("python -m big_vision_lite.train", "init_from=/tmp/timm_s16")
   tuned = run(argv_of(command, tmp_path) + [
