@@ -223,14 +223,14 @@ def set_loss(pred_logits: jax.Array, pred_boxes: jax.Array, target_labels: jax.A
   nll = -jnp.take_along_axis(log_probs, query_labels[..., None], axis=-1)[..., 0]  # [B, Q]
   ce = (weights * nll).sum() / weights.sum()
 
-  matched_boxes = jnp.take_along_axis(
-      pred_boxes, jnp.minimum(query_idx, num_queries - 1)[..., None], axis=1)  # [B, T, 4]
-  matched_logits = jnp.take_along_axis(
-      pred_logits, jnp.minimum(query_idx, num_queries - 1)[..., None], axis=1)  # [B, T, C + 1]
+  matched = jnp.minimum(query_idx, num_queries - 1)[..., None]  # [B, T, 1]; `valid` marks real
+  matched_boxes = jnp.take_along_axis(pred_boxes, matched, axis=1)  # [B, T, 4]
+  matched_logits = jnp.take_along_axis(pred_logits, matched, axis=1)  # [B, T, C + 1]
+  target_boxes = target_boxes.astype(jnp.float32)
   num_boxes = jnp.maximum(jnp.asarray(num_boxes, jnp.float32), 1.0)
-  l1 = jnp.abs(matched_boxes - target_boxes.astype(jnp.float32)).sum(-1)  # [B, T]
+  l1 = jnp.abs(matched_boxes - target_boxes).sum(-1)  # [B, T]
   giou = jax.vmap(jax.vmap(lambda a, b: generalized_box_iou(a[None], b[None])[0, 0]))(
-      box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes.astype(jnp.float32)))
+      box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes))
   correct = matched_logits.argmax(-1) == target_labels  # [B, T]
   num_matched = jnp.maximum(valid.sum(), 1)
   return {"ce": ce,
