@@ -39,6 +39,14 @@ an error naming it). The DETR ops, in pipeline order:
                      than T boxes is an error naming the op and the count (no truncation)
   pad_image          pads the image bottom/right with zeros to S x S, "pixel_mask" [S, S]
                      bool (True on real pixels); boxes stay normalised by the unpadded image
+
+Text. `choose(k, inkey, outkey)` samples k of an example's captions (tfds coco_captions'
+"captions/text"; a nested field is read with "a/b"), `tokenize(max_len, tokenizer, inkey,
+outkey)` turns a text into int32 [max_len] (a list of K into [K, max_len]) with a tokenizer of
+`tokenizers.get` ("bytes" or "sentencepiece:PATH"). For shapes:
+`decode|resize(32)|value_range(-1, 1)|tokenize(16, inkey="caption")|keep("image", "text")`;
+for coco_captions: `...|choose(1)|tokenize(64)|keep("image", "text")` (the batcher refuses
+text and nested dicts, so keep only arrays).
 """
 import ast
 import inspect
@@ -49,6 +57,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageFilter
 
+from big_vision_lite.input import tokenizers
 from big_vision_lite.registry import Registry
 
 OPS = Registry("pp op")
@@ -822,4 +831,86 @@ def pad_image(size: int | Sequence[int], key: str = "image",
     mask = np.zeros((h, w), bool)
     mask[:height, :width] = True
     return dict(example, **{key: padded, key_mask: mask})
+  return fn
+
+
+TEXT_TYPES = (str, bytes, np.str_, np.bytes_)
+
+
+def _lookup(example: Example, path: str, op: str) -> Any:
+  """example[path]; "a/b" reads example["a"]["b"] (tfds decodes a Sequence of dicts as a
+  dict of lists: coco_captions' captions are example["captions"]["text"])."""
+  value = example
+  for part in path.split("/"):
+    if not isinstance(value, dict) or part not in value:
+      has = sorted(value) if isinstance(value, dict) else type(value).__name__
+      raise ValueError(f"pp op {op}: inkey {path!r}: no key {part!r} (there: {has}).")
+    value = value[part]
+  return value
+
+
+def _text_list(value: Any, op: str, inkey: str) -> tuple[list[Any], bool]:
+  """(the texts of `value`, whether it was one text rather than a list of them)."""
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, TEXT_TYPES):
+    return [value], True
+  if isinstance(value, (list, tuple, np.ndarray)) and all(
+      isinstance(v, TEXT_TYPES) for v in value):
+    return list(value), False
+  hint = (f" (a dict: name its text field, e.g. inkey='{inkey}/text')"
+          if isinstance(value, dict) else "")
+  raise ValueError(f"pp op {op}: inkey {inkey!r} must hold a str/bytes text or a list of "
+                   f"them; got {type(value).__name__}{hint}.")
+
+
+def _check_text_keys(op: str, inkey: Any, outkey: Any) -> None:
+  if not isinstance(inkey, str) or not inkey or "" in inkey.split("/"):
+    raise ValueError(f"pp op {op}: inkey must be a key, or 'a/b' for a nested one; got "
+                     f"{inkey!r}.")
+  if not isinstance(outkey, str) or not outkey or "/" in outkey:
+    raise ValueError(f"pp op {op}: outkey must be a top-level key (no '/'); got {outkey!r}.")
+
+
+@OPS.register("tokenize")
+def tokenize(max_len: int, tokenizer: str = "bytes", inkey: str = "text",
+             outkey: str = "text") -> OpFn:
+  """A text (str or bytes) -> int32 [max_len], a list of K texts -> [K, max_len]: its
+  tokens, then EOS, then padding (0); longer texts are truncated, keeping the EOS.
+  `tokenizer` is a spec of `tokenizers.get`: "bytes" (UTF-8 bytes, no file) or
+  "sentencepiece:/path/to/model"; inkey "a/b" reads a nested field."""
+  _check_positive_int("tokenize", "max_len", max_len)
+  _check_text_keys("tokenize", inkey, outkey)
+  try:
+    text_tokenizer = tokenizers.get(tokenizer)
+  except ValueError as e:
+    raise ValueError(f"pp op tokenize: tokenizer: {e}") from None
+  def fn(example, rng):
+    del rng
+    texts, single = _text_list(_lookup(example, inkey, "tokenize"), "tokenize", inkey)
+    if not texts:
+      raise ValueError(f"pp op tokenize: inkey {inkey!r} holds an empty list of texts.")
+    ids = text_tokenizer.encode(texts, max_len)  # [K, max_len]
+    return dict(example, **{outkey: ids[0] if single else ids})
+  return fn
+
+
+@OPS.register("choose")
+def choose(k: int = 1, inkey: str = "captions/text", outkey: str = "text") -> OpFn:
+  """Samples k of the texts (e.g. captions) of an example: k = 1 gives one text, k > 1 a
+  list of k. From n >= k texts, k distinct ones in random order; from n < k, all n in
+  random order, then k - n more drawn with replacement (one caption is repeated k times).
+  Draws from the example's rng, so a pipeline's choice is fixed by its seed. The default
+  inkey is tfds coco_captions' nested field; shapes' one caption is "caption"."""
+  _check_positive_int("choose", "k", k)
+  _check_text_keys("choose", inkey, outkey)
+  def fn(example, rng):
+    texts, _ = _text_list(_lookup(example, inkey, "choose"), "choose", inkey)
+    if not texts:
+      raise ValueError(f"pp op choose: inkey {inkey!r} holds no texts to choose from.")
+    if k == 1:
+      return dict(example, **{outkey: texts[int(rng.integers(len(texts)))]})
+    order = rng.permutation(len(texts))[:k]
+    extra = rng.integers(len(texts), size=k - len(order))
+    return dict(example, **{outkey: [texts[int(i)] for i in np.concatenate([order, extra])]})
   return fn
