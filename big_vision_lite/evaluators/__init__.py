@@ -9,5 +9,5 @@ from big_vision_lite.registry import Registry
 
 REGISTRY = Registry("evaluator")
 
-for _module in ("classification", "detection", "knn", "linear_probe"):
+for _module in ("classification", "detection", "knn", "linear_probe", "retrieval", "zeroshot"):
   importlib.import_module(f"{__name__}.{_module}")
