@@ -79,7 +79,8 @@ def test_ring_on_eight_devices_equals_naive(kind):
 
   def ring(a, b, t, bias):
     local = lambda a, b, t, bias: kernels.contrastive_loss(
-        a, b, kind=kind, temperature=t, bias=bias, chunk_size=4, axis_name="batch")
+        a, b, kind=kind, temperature=t, bias=bias, chunk_size=4, axis_name="batch",
+        impl="chunked")
     return jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P("batch"), P(), P()),
                          out_specs=P())(a, b, t, bias)
 
@@ -115,8 +116,130 @@ def test_memory_grows_linearly_in_batch_at_fixed_chunk():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(kind="triplet"), "kind must be one of"), (dict(impl="cuda"), "impl must be one of"),
-    (dict(chunk_size=5), "must divide"), (dict(kind="sigmoid"), "needs a bias")])
+    (dict(chunk_size=5, impl="chunked"), "must divide"),
+    (dict(valid=np.ones(7, bool)), "valid must have shape"),
+    (dict(kind="sigmoid"), "needs a bias")])
 def test_bad_arguments_are_named(kwargs, message):
   zimg, ztxt = embeddings(8)
   with pytest.raises(ValueError, match=message):
     kernels.contrastive_loss(zimg, ztxt, temperature=1.0, **{"kind": "softmax", **kwargs})
+
+
+def masked_inputs(b, seed, empty=(1, 5, 6)):
+  """Embeddings and a valid mask with the slots `empty` (and the last) unused."""
+  zimg, ztxt = embeddings(b, seed=seed)
+  valid = np.ones(b, bool)
+  valid[list(empty) + [b - 1]] = False
+  return zimg, ztxt, valid
+
+
+def loss_fn(impl, kind, valid, chunk, **kwargs):
+  return lambda a, b, t, bias: kernels.contrastive_loss(
+      a, b, kind=kind, temperature=t, bias=bias if kind == "sigmoid" else None,
+      chunk_size=chunk, impl=impl, valid=valid, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_pallas_kernel_equals_reference_in_interpret_mode(kind):
+  """B = 40 in blocks of 16: padded to 48, so the last block is partly padding (with empty
+  slots: test_masked_loss_is_the_naive_loss_on_the_real_pairs)."""
+  zimg, ztxt = embeddings(40, seed=2)
+  t, bias = jnp.float32(5.0), jnp.float32(-3.0)
+  want = loss_and_grads(loss_fn("reference", kind, None, None), zimg, ztxt, t, bias)
+  assert abs(float(want[1][2])) > 1e-3  # The temperature gradient is exercised.
+  assert_close(loss_and_grads(loss_fn("pallas", kind, None, 16), zimg, ztxt, t, bias), want)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("impl,chunk", [("reference", None), ("chunked", 8), ("pallas", 16)])
+def test_masked_loss_is_the_naive_loss_on_the_real_pairs(kind, impl, chunk):
+  """Against the naive loss of only the real rows (dropped, then the numpy formula and the
+  unmasked naive jax loss for gradients); empty slots get exactly zero gradient."""
+  zimg, ztxt, valid = masked_inputs(24, seed=3)
+  t, bias = jnp.float32(4.0), jnp.float32(-2.0)
+  value, grads = loss_and_grads(loss_fn(impl, kind, valid, chunk), zimg, ztxt, t, bias)
+  real = lambda x: x[valid]
+  np.testing.assert_allclose(value, numpy_loss(real(zimg), real(ztxt), kind, 4.0, -2.0),
+                             rtol=1e-5)
+  _, want = loss_and_grads(loss_fn("reference", kind, None, None), real(zimg), real(ztxt), t,
+                           bias)
+  for got, expected in zip(grads[:2], want[:2]):
+    np.testing.assert_allclose(got[valid], expected, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(got)[~valid])  # Exactly zero, not just small.
+  for got, expected in zip(grads[2:], want[2:]):
+    if kind == "sigmoid" or expected is not want[3]:
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
+def test_no_valid_pair_gives_zero_loss_and_gradients(impl):
+  zimg, ztxt = embeddings(16)
+  for kind in ("softmax", "sigmoid"):
+    value, grads = loss_and_grads(loss_fn(impl, kind, np.zeros(16, bool), 8), zimg, ztxt,
+                                  jnp.float32(5.0), jnp.float32(-3.0))
+    assert float(value) == 0.0
+    for grad in grads:
+      assert not np.any(np.asarray(grad)), (kind, grad)  # Zero, and no NaN.
+
+
+SLOW = pytest.mark.slow  # Pallas' interpreter inside shard_map: ~6-10 s on 2 devices, ~30 on 8.
+
+
+@pytest.mark.parametrize("kind,impl,chunk,n_devices", [
+    ("softmax", "chunked", 4, 8), ("sigmoid", "chunked", 4, 8), ("softmax", "pallas", 16, 2),
+    pytest.param("sigmoid", "pallas", 16, 2, marks=SLOW),
+    pytest.param("softmax", "pallas", 16, 8, marks=SLOW),
+    pytest.param("sigmoid", "pallas", 16, 8, marks=SLOW)])
+def test_masked_ring_equals_naive_on_real_pairs(kind, impl, chunk, n_devices):
+  """64 rows over the ring, some devices' slots empty (with 8 devices, one has no real row):
+  the ring with `valid` (a psum of the valid count) equals the single-device naive loss on
+  the real rows, and empty slots get zero gradient."""
+  devices = eight_devices()[:n_devices]
+  if impl == "pallas" and devices[0].platform != jax.default_backend():
+    pytest.skip("the pallas impl builds kernels for the default backend, not these devices")
+  mesh = Mesh(np.array(devices), ("batch",))
+
+  def ring(a, b, t, bias, valid):
+    local = lambda a, b, t, bias, valid: loss_fn(impl, kind, valid, chunk,
+                                                 axis_name="batch")(a, b, t, bias)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),) * 2 + (P(), P(), P("batch")),
+                         out_specs=P())(a, b, t, bias, valid)
+
+  with jax.default_device(devices[0]):
+    zimg, ztxt, valid = masked_inputs(64, seed=4, empty=(0, 9, 10, 11, 30, *range(40, 48)))
+    t, bias = jnp.float32(4.0), jnp.float32(-2.0)
+    got = jax.jit(jax.value_and_grad(ring, argnums=(0, 1, 2, 3)))(zimg, ztxt, t, bias, valid)
+    real = lambda x: x[valid]
+    want = loss_and_grads(loss_fn("reference", kind, None, None), real(zimg), real(ztxt), t,
+                          bias)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+  for i in (0, 1):
+    np.testing.assert_allclose(got[1][i][valid], want[1][i], rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(got[1][i])[~valid])
+  for i in (2, 3):
+    np.testing.assert_allclose(got[1][i], want[1][i], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_is_the_pallas_kernel_only_on_gpu_and_tpu():
+  zimg, ztxt = embeddings(16)
+  jaxpr = lambda impl: str(jax.make_jaxpr(lambda a, b: kernels.contrastive_loss(
+      a, b, temperature=5.0, impl=impl))(zimg, ztxt))
+  assert "pallas_call" in jaxpr("pallas")
+  assert ("pallas_call" in jaxpr("auto")) == (jax.default_backend() in ("gpu", "tpu"))
+
+
+@pytest.mark.parametrize("platform,backend,marker", [
+    ("cuda", "gpu", "xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
+def test_pallas_kernels_lower_for_gpu_and_tpu(platform, backend, marker):
+  """The compiled (not interpret) kernels lowered for Triton and Mosaic without the hardware:
+  one statistics kernel forward and one gradient kernel per side backward, per kind. B = 300
+  is padded to 3 blocks of 128, the width 64 (+1 bias column) to the backend's multiple."""
+  specs = (jax.ShapeDtypeStruct((300, 64), jnp.float32),) * 2 + (
+      jax.ShapeDtypeStruct((), jnp.float32),) * 2 + (jax.ShapeDtypeStruct((300,), bool),)
+  for kind in ("softmax", "sigmoid"):
+    loss = lambda a, b, t, bias, valid: contrastive.pallas_loss(
+        a, b, kind=kind, temperature=t, bias=bias if kind == "sigmoid" else None, valid=valid,
+        chunk_size=128, axis_name=None, backend=backend)
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*specs).lower(
+        lowering_platforms=(platform,))
+    assert lowered.as_text().count(marker) == 3, kind
