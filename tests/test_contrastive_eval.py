@@ -173,9 +173,10 @@ def numpy_recalls(images, texts, captions_per_image):
           **{f"t2i_r{k}": np.mean(t2i < k) for k in (1, 5, 10)}}, sims
 
 
-@pytest.mark.parametrize("captions_per_image,query_chunk", [(1, 8), (3, 4)])
+@pytest.mark.parametrize("captions_per_image,query_chunk,mesh_sizes", [
+    (1, 8, (8,)), (3, 4, (1, 8))], ids=["1_caption", "3_captions"])
 def test_retrieval_matches_numpy_with_ties_on_1_and_8_devices(monkeypatch, captions_per_image,
-                                                              query_chunk):
+                                                              query_chunk, mesh_sizes):
   words, images, captions = retrieval_case(2, captions_per_image)
   texts = [c for row in captions for c in row]
   want, sims = numpy_recalls(images, numpy_text_embeddings(texts, words), captions_per_image)
@@ -195,10 +196,26 @@ def test_retrieval_matches_numpy_with_ties_on_1_and_8_devices(monkeypatch, capti
   variables = {"params": {"words": words}}
   config = eval_config(pp='tokenize(4, inkey="caption")|keep("image", "text")',
                        query_chunk=query_chunk)
-  for devices in (1, 8):
+  for devices in mesh_sizes:
     evaluator = retrieval.RetrievalEvaluator(EmbeddingTask(), sharding.make_mesh(
         [("data", devices)]), config)
     assert evaluator.run(variables) == pytest.approx(want, abs=1e-12), devices
+
+
+def test_retrieval_of_a_split_smaller_than_the_batch(monkeypatch):
+  """3 images in a batch of 8 on 8 devices: 5 pad rows (copies of image 2), which are
+  neither candidates nor queries. With 3 images every real caption's image is within
+  the first 5 (a pad query, if counted, would be too), and image 2's caption is ahead of
+  image 0's own (so would its pad copies be)."""
+  words, images, captions = retrieval_case(0, 2, num_images=3)
+  texts = numpy_text_embeddings([c for row in captions for c in row], words)
+  want, sims = numpy_recalls(images, texts, 2)
+  assert np.any(sims[0, 4:] > sims[0, :2].max())
+  assert want["i2t_r1"] < 1 and want["t2i_r1"] < 1 and want["t2i_r5"] == 1
+  use_source(monkeypatch, [{"image": x, "caption": c} for x, c in zip(images, captions)])
+  evaluator = retrieval.RetrievalEvaluator(EmbeddingTask(), sharding.make_mesh(
+      [("data", 8)]), eval_config(pp='tokenize(4, inkey="caption")|keep("image", "text")'))
+  assert evaluator.run({"params": {"words": words}}) == pytest.approx(want, abs=1e-12)
 
 
 def test_retrieval_on_gaussian_embeddings_matches_numpy(monkeypatch):
