@@ -3,6 +3,7 @@ SigLIP/CLIP temperature and bias, one tower at a time, packed NaViT slots = unpa
 images, init_from an image model, config errors."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -80,7 +81,7 @@ def test_siglip_init():
 def test_embeddings_are_the_towers_outputs_normalised(variables, outputs):
   params = variables["params"]
   out, aux = outputs
-  image_out, _ = run(vit.Model(num_classes=OUT_DIM, **IMAGE).apply,
+  image_out, image_aux = run(vit.Model(num_classes=OUT_DIM, **IMAGE).apply,
                      {"params": params["img"]}, IMAGES)
   text_out, _ = run(text_transformer.Model(num_classes=OUT_DIM, **TEXT).apply,
                     {"params": params["txt"]}, TOKENS)
@@ -92,6 +93,7 @@ def test_embeddings_are_the_towers_outputs_normalised(variables, outputs):
   np.testing.assert_allclose(out["temperature"], np.exp(params["t"]), rtol=1e-6)
   np.testing.assert_allclose(out["bias"], params["b"])
   np.testing.assert_allclose(aux["txt"]["pre_logits"].shape, (3, TEXT["width"]))
+  np.testing.assert_allclose(aux["pre_logits"], image_aux["pre_logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_one_tower_at_a_time(variables, outputs):
@@ -197,6 +199,14 @@ def test_headless_tower_must_match_out_dim():
   model = two_towers.Model(image=dict(IMAGE, num_classes=0), text=TEXT, out_dim=OUT_DIM)
   with pytest.raises(ValueError, match="width 16, not Model field 'out_dim' \\(12\\)"):
     jax.eval_shape(model.init, jax.random.key(0), IMAGES, text=None)
+
+
+def test_tower_fields_may_be_config_dicts():
+  """A config's model.image / model.text arrive as ConfigDicts."""
+  model = two_towers.Model(image=ml_collections.ConfigDict(IMAGE),
+                           text=ml_collections.ConfigDict(TEXT), out_dim=OUT_DIM)
+  assert shapes(jax.eval_shape(model.init, jax.random.key(0), IMAGES, text=TOKENS)) == shapes(
+      jax.eval_shape(MODEL.init, jax.random.key(0), IMAGES, text=TOKENS))
 
 
 def test_dtype_mm_reaches_both_towers():

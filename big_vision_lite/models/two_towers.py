@@ -143,22 +143,25 @@ class Model(nn.Module):
                ) -> tuple[dict[str, jax.Array | None], dict[str, Any]]:
     """images [B, H, W, 3] (or packed patches with `image_kwargs`), text [N, L] int32 ->
     ({"zimg": [B, D] ([B, S, D] packed), "ztxt": [N, D], "temperature", "bias"}, aux with
-    the towers' aux under "img" and "txt")."""
+    the towers' aux under "img" and "txt", and the image tower's "pre_logits")."""
     out: dict[str, jax.Array | None] = {"zimg": None, "ztxt": None}
     aux: dict[str, Any] = {}
     if images is not None:
       tower = models.get(self.image_model).Model(**self.image_tower_kwargs(), name="img")
       features, aux["img"] = tower(images, train=train, **image_kwargs)
+      if "pre_logits" in aux["img"]:  # What k-NN and linear probes read (Task.features).
+        aux["pre_logits"] = aux["img"]["pre_logits"]  # [B, width] or [B, S, width]
       out["zimg"] = self._embed(features, "image")  # [B, D] or [B, S, D]
     if text is not None:
       tower = text_transformer.Model(**self.text_tower_kwargs(), name="txt")
       features, aux["txt"] = tower(text, train=train)
       out["ztxt"] = self._embed(features, "text")  # [N, D]
     t = self.param("t", lambda _: jnp.log(jnp.asarray(self.temperature_init, jnp.float32)))
-    out["temperature"] = jnp.exp(t)
+    out["temperature"] = jnp.exp(t.astype(jnp.float32))  # float32 also under a bf16 cast.
     out["bias"] = None
     if self.bias_init is not None:
-      out["bias"] = self.param("b", lambda _: jnp.asarray(self.bias_init, jnp.float32))
+      b = self.param("b", lambda _: jnp.asarray(self.bias_init, jnp.float32))
+      out["bias"] = b.astype(jnp.float32)
     return out, aux
 
 
