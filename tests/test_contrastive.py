@@ -166,9 +166,8 @@ def test_masked_loss_is_the_naive_loss_on_the_real_pairs(kind, impl, chunk):
   for got, expected in zip(grads[:2], want[:2]):
     np.testing.assert_allclose(got[valid], expected, rtol=1e-5, atol=1e-6)
     assert not np.any(np.asarray(got)[~valid])  # Exactly zero, not just small.
-  for got, expected in zip(grads[2:], want[2:]):
-    if kind == "sigmoid" or expected is not want[3]:
-      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  for got, expected in zip(grads[2:], want[2:]):  # Temperature, bias (zero for softmax).
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
