@@ -120,6 +120,7 @@ class ZeroShotEvaluator:
     self._zeros = jax.jit(lambda *shape: jnp.zeros(shape, jnp.float32), static_argnums=(0, 1),
                           out_shardings=sharding.replicated(mesh))
     self._normalize = jax.jit(l2_normalize, out_shardings=sharding.replicated(mesh))
+    self._dim = None  # The text embeddings' width, found at the first run.
 
   @staticmethod
   def prompts(class_names: Sequence[str], templates: Sequence[str],
@@ -152,8 +153,9 @@ class ZeroShotEvaluator:
     for tokens, classes in zip(self.prompt_tokens, self.prompt_classes):
       tokens, classes = put(tokens), put(classes)
       if sums is None:
-        dim = jax.eval_shape(self.task.embed_texts, variables, tokens).shape[-1]
-        sums = self._zeros(len(self.class_names), dim)
+        self._dim = self._dim or jax.eval_shape(self.task.embed_texts, variables,
+                                                tokens).shape[-1]
+        sums = self._zeros(len(self.class_names), self._dim)
       sums = self._add_prompts(variables, sums, tokens, classes)
     return self._normalize(sums)  # Normalising the sum = normalising the mean.
 
