@@ -26,13 +26,15 @@ impl:
                to keep running row log-sum-exps (or sigmoid sums) and write per-block column
                statistics; backwards, one kernel per side recomputes the logits and
                accumulates d zimg (grid over images) or d ztxt (grid over texts), never
-               storing a [B, B] array. Blocks are the largest power of two <= chunk_size
-               (default 128; >= 128 on TPU unless one block holds the batch), the batch is
-               padded to a block multiple (padded rows are invalid pairs) and the width to a
-               power of two (GPU, Triton) or a multiple of 128 (TPU, Mosaic). Temperature is
-               folded into the image rows and the bias into one extra width column, so the
-               kernels see only two matrices. On CPU it runs in Pallas interpret mode (slow;
-               for tests).
+               storing a [B, B] array. Blocks are the largest power of two <= chunk_size,
+               16..128 (default 128; on GPU, where Triton holds [block, D'] tiles in
+               registers, 16k / D' by default; on TPU always 128 unless one block holds the
+               batch), the batch is padded to a block multiple (padded rows are invalid
+               pairs) and the width to a power of two (GPU, Triton) or a multiple of 128
+               (TPU, Mosaic); a device's whole text block is one kernel input (VMEM on
+               TPU). Temperature is folded into the image rows and the bias into one extra
+               width column, so the kernels see only two matrices. On CPU it runs in Pallas
+               interpret mode (slow; for tests).
   "auto"       "pallas" on GPU and TPU backends, "chunked" elsewhere.
 """
 import functools
@@ -509,6 +511,19 @@ def _power_of_two_at_most(n: int) -> int:
   return 1 << (n.bit_length() - 1)
 
 
+def _pallas_layout(b, width, chunk_size, backend):
+  """(block rows, padded batch, padded width) for the kernels on `backend`."""
+  padded_width = max(16, 1 << (width - 1).bit_length() if backend == "gpu"
+                     else -(-width // 128) * 128)
+  if chunk_size is None:  # GPU: [block, width] tiles of at most 16k floats (Triton registers).
+    chunk_size = 128 if backend != "gpu" else max(16, (1 << 14) // padded_width)
+  whole = max(16, 1 << (b - 1).bit_length())  # One power-of-two block holding the batch.
+  block = min(max(16, _power_of_two_at_most(min(chunk_size, 128))), whole)
+  if backend == "tpu":  # Mosaic: [1, block] lane slices need block % 128 == 0 or one block.
+    block = min(128, whole)
+  return block, -(-b // block) * block, padded_width
+
+
 def pallas_loss(zimg: jax.Array, ztxt: jax.Array, *, kind: str, temperature: jax.Array,
                 bias: jax.Array | None, valid: jax.Array | None, chunk_size: int | None,
                 axis_name: str | None, backend: str | None = None) -> jax.Array:
@@ -516,19 +531,13 @@ def pallas_loss(zimg: jax.Array, ztxt: jax.Array, *, kind: str, temperature: jax
   interpret mode; None: the default backend): pads, folds temperature (and bias) into the
   two matrices, then runs the kernels (see the module docstring)."""
   backend = backend or jax.default_backend()
-  b, d = zimg.shape
-  whole = max(16, 1 << (b - 1).bit_length())  # One power-of-two block holding the batch.
-  block = min(max(16, _power_of_two_at_most(chunk_size or 128)), whole)
-  if backend == "tpu":  # Mosaic: [1, block] lane slices need block % 128 == 0 or one block.
-    block = min(max(block, 128), whole)
-  n = -(-b // block) * block
+  b = zimg.shape[0]
   zs, zt = temperature * zimg, ztxt  # [b, D]
   if kind == "sigmoid":  # logits + bias = [zs, bias] · [zt, 1]
     zs = jnp.concatenate([zs, bias * jnp.ones((b, 1), jnp.float32)], axis=1)
     zt = jnp.concatenate([zt, jnp.ones((b, 1), jnp.float32)], axis=1)
-  width = zs.shape[1]
-  padded = 1 << (width - 1).bit_length() if backend == "gpu" else -(-width // 128) * 128
-  pad = ((0, n - b), (0, max(padded, 16) - width))
+  block, n, padded_width = _pallas_layout(b, zs.shape[1], chunk_size, backend)
+  pad = ((0, n - b), (0, padded_width - zs.shape[1]))
   valid = jnp.ones((b,), jnp.float32) if valid is None else valid.astype(jnp.float32)
   return _pallas_loss(jnp.pad(zs, pad), jnp.pad(zt, pad), jnp.pad(valid, (0, n - b)), kind,
                       block, axis_name, backend)

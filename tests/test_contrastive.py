@@ -227,6 +227,25 @@ def test_auto_is_the_pallas_kernel_only_on_gpu_and_tpu():
   assert ("pallas_call" in jaxpr("auto")) == (jax.default_backend() in ("gpu", "tpu"))
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu", "cpu"])
+def test_pallas_layout_fits_the_hardware(backend):
+  """Blocks: powers of two in 16..128 (Triton's power-of-two shapes), on TPU 128 or one block
+  holding the batch (lane-dimension slices); the batch padded to whole blocks, the width to a
+  power of two (GPU) or multiple of 128 (TPU), never below the data."""
+  for b in (5, 24, 100, 300, 4096):
+    for width in (16, 65, 256, 769):
+      for chunk in (None, 16, 48, 512):
+        block, n, padded = contrastive._pallas_layout(b, width, chunk, backend)
+        assert block & (block - 1) == 0 and 16 <= block <= 128 and n % block == 0
+        assert b <= n < b + block and width <= padded
+        if backend == "gpu":
+          assert padded & (padded - 1) == 0 and (chunk or block * padded <= 1 << 14)
+        if backend == "tpu":
+          assert padded % 128 == 0 and (block == 128 or n == block)
+        if chunk and backend != "tpu":
+          assert block == min(max(16, 1 << (min(chunk, 128).bit_length() - 1)), n)
+
+
 @pytest.mark.parametrize("platform,backend,marker", [
     ("cuda", "gpu", "xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
 def test_pallas_kernels_lower_for_gpu_and_tpu(platform, backend, marker):
