@@ -104,7 +104,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   if step is not None:
     train._check_same_architecture(config, workdir)  # pylint: disable=protected-access
   mesh = sharding.make_mesh(config.get("mesh"))
-  task = tasks.REGISTRY.get(config.task)(config, models.from_config(config))
+  task = tasks.REGISTRY.get(config.task)(config, models.from_config(config), mesh)
   seed = config.get("seed", 0)
   loaded: dict[bool, dict[str, Any]] = {}
   results: dict[str, Any] = {}

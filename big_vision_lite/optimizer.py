@@ -32,6 +32,7 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 }
 DECAY_TYPES = ("cosine", "linear", "rsqrt", "constant", "step")
 DEFAULT_WD_MASK = (r".*kernel$",)
+DROP_FACTOR = 0.1  # The "step" schedule's default lr factor at each drop.
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -54,7 +55,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1 for f in drop_at)):
     raise ValueError(f"Config field 'schedule.drop_at' must list fractions of total_steps in "
                      f"(0, 1) for decay_type 'step', got {drop_at!r}.")
-  factor = sched.get("drop_factor", 0.1)
+  factor = sched.get("drop_factor", DROP_FACTOR)
   if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
     raise ValueError(f"Config field 'schedule.drop_factor' must be a number >= 0, got "
                      f"{factor!r}.")
@@ -105,7 +106,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     timescale = sched.get("timescale", 10_000)
     decay = lambda step: lr * (timescale / (step + timescale)) ** 0.5
   elif decay_type == "step":
-    boundaries = {int(round(f * total)) - warmup: sched.get("drop_factor", 0.1)
+    boundaries = {int(round(f * total)) - warmup: sched.get("drop_factor", DROP_FACTOR)
                   for f in sched["drop_at"]}
     decay = optax.piecewise_constant_schedule(lr, boundaries)
   else:

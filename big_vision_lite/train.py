@@ -323,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape),
                mesh.devices.size, jax.process_count())
   model = models.from_config(config)
-  task = tasks.REGISTRY.get(config.task)(config, model)
+  task = tasks.REGISTRY.get(config.task)(config, model, mesh)
   writer = metrics_lib.create_writer(workdir)
   seed = config.get("seed", 0)
   batch_size = config.input.batch_size

@@ -41,7 +41,7 @@ def test_default_config_is_valid():
 
 def test_models_get_lists_known_names():
   assert models.get("vit").Model
-  with pytest.raises(ValueError, match=r"Unknown model_name 'swin'; known: .*resnet, vit"):
+  with pytest.raises(ValueError, match=r"Unknown model_name 'swin'; known: .*resnet, .*vit"):
     models.get("swin")
 
 

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
 
 def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
@@ -37,12 +38,16 @@ class Task:
   `loss_inputs` names the train-state entries (besides params and extra) the loop passes to
   `loss` as keyword arguments: "step" (the step count before this update) and
   "ema_params" (the EMA of the params, e.g. a teacher; needs config field 'ema_decay').
+  `mesh` is the run's device mesh, for a loss that runs a collective of its own
+  (`shard_map`); None (e.g. in a unit test) means one device.
   """
   loss_inputs: tuple[str, ...] = ()
 
-  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module):
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module,
+               mesh: Mesh | None = None):
     self.config = config
     self.model = model
+    self.mesh = mesh
     self.compute_dtype = jnp.dtype(config.get("compute_dtype") or "float32")
 
   @classmethod
@@ -61,7 +66,7 @@ class Task:
     variables = {"params": params, **extra}
     if self.compute_dtype != jnp.float32:
       variables = cast_floating(variables, self.compute_dtype)
-      images = images.astype(self.compute_dtype)
+      images = None if images is None else images.astype(self.compute_dtype)
     rngs = {"dropout": rng} if rng is not None else {}
     if train and extra:
       (out, aux), new_extra = self.model.apply(variables, images, train=True, rngs=rngs,

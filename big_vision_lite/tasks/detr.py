@@ -65,8 +65,8 @@ class DETR(Task):
     base.require_model_name(config, "detr")
     options(config)
 
-  def __init__(self, config: ml_collections.ConfigDict, model: Any):
-    super().__init__(config, model)
+  def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh: Any = None):
+    super().__init__(config, model, mesh)
     self.options = options(config)
 
   def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:

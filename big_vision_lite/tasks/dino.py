@@ -103,8 +103,8 @@ class DINO(Task):
       raise ValueError(f"Config field 'dino.packed' needs model.backbone_name='navit' (packed "
                        f"sequences with segment-masked attention), got {backbone_name!r}.")
 
-  def __init__(self, config: ml_collections.ConfigDict, model: Any):
-    super().__init__(config, model)
+  def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh: Any = None):
+    super().__init__(config, model, mesh)
     self.options = options(config)
 
   def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
