@@ -102,8 +102,12 @@ def _varying(axis_name, *arrays):
   """Marks fresh accumulators as per-device values (shard_map's scan needs matching types)."""
   if axis_name is None:
     return arrays
-  return tuple(a if axis_name in jax.typeof(a).manual_axis_type.varying else
-               jax.lax.pcast(a, axis_name, to="varying") for a in arrays)
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def varying(a):
+    missing = tuple(n for n in names if n not in jax.typeof(a).manual_axis_type.varying)
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+  return tuple(varying(a) for a in arrays)
 
 
 def _chunks(x, chunk):

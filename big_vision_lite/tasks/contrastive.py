@@ -114,7 +114,6 @@ class Contrastive(Task):
       return loss_fn(zimg, ztxt, temperature, bias, valid)
     axes = sharding.batch_axes(self.mesh)
     rows = P(axes)
-    axes = axes[0] if len(axes) == 1 else axes
     return jax.shard_map(functools.partial(loss_fn, axis_name=axes), mesh=self.mesh,
                          in_specs=(rows, rows, P(), P(), rows), out_specs=P()
                          )(zimg, ztxt, temperature, bias, valid)
