@@ -159,7 +159,7 @@ def main(argv: list[str]) -> None:
     naive = lambda a, b, kind=kind, bias=bias: contrastive.reference(
         a, b, kind=kind, temperature=10.0, bias=bias)
     chunked = lambda a, b, kind=kind, bias=bias: kernels.contrastive_loss(
-        a, b, kind=kind, temperature=10.0, bias=bias, chunk_size=f.chunk)
+        a, b, kind=kind, temperature=10.0, bias=bias, chunk_size=f.chunk, impl="chunked")
     for b in map(int, f.sizes):
       try:
         rows.append(_contrastive_row(kind, naive, chunked, b, f.dim, f.time_up_to, f.repeats))

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.get("mesh"))
   model = models.from_config(config)
-  task = tasks.REGISTRY.get(config.task)(config, model)
+  task = tasks.REGISTRY.get(config.task)(config, model, mesh)
   batch_size = config.input.batch_size
   train_iter = data_lib.make_train_iterator(config.input.data, config.input.pp, batch_size,
                                             seed=0, packing=config.input.get("packing"))

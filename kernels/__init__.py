@@ -5,7 +5,9 @@
   in interpret mode and lowered for CUDA on CPU, compiled and timed on an H200; "auto" is
   the kernel on GPU and the reference elsewhere.
 - `contrastive_loss` (contrastive.py): CLIP / SigLIP losses over the global batch, chunked
-  with a recomputing custom VJP and, across devices, a `ppermute` ring.
+  with a recomputing custom VJP and, across devices, a `ppermute` ring; the per-block work
+  in jnp or in Pallas kernels (Triton on GPU, Mosaic on TPU; "auto" picks them there);
+  `valid` leaves empty packed slots out exactly.
 - `segment_attention` (packed_attention.py): NaViT's packed attention, JAX's Pallas
   flash-attention kernels with segment ids on GPU/TPU.
 """
