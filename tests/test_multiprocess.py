@@ -198,8 +198,10 @@ def test_two_processes_match_one_and_restore_in_one(eight_devices, tmp_path):
   assert last(multi)["val/top1"] == last(single)["val/top1"]
   state_dir = os.path.join(multi, "checkpoints", "8", "state")
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))
-  # As in test_train: Adam turns rounding differences of near-zero gradients into ~1e-6.
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
+  # Adam turns rounding differences of near-zero gradients (|g| << eps = 1e-8) into updates
+  # of lr · g / eps: over 8 steps at lr 1.5e-3 up to ~1e-5 apart on such leaves (seen: 1.04e-5
+  # once XLA's backend optimisations are off), against lr-sized (1e-3) steps of a real bug.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5),
                checkpointing.load_params(multi), checkpointing.load_params(single))
 
   config = parse_config(args)
