@@ -7,7 +7,7 @@ r"""Image-text contrastive training: SigLIP (sigmoid loss, default) or CLIP (sof
 The CPU default pairs the small ViT of configs/vit.py (4 layers, width 96, 4 x 4 patches
 on 32 x 32 images, GAP) with a 2-layer width-96 text transformer over UTF-8 bytes of the
 embedded dataset's captions ("a large red star and a small blue ring on a blotchy
-background"), both projected to 64 dims; batch 128, 600 steps, AdamW 1e-3. Evaluations of
+background"), both projected to 64 dims; batch 128, 300 steps, AdamW 1e-3. Evaluations of
 the test split: zero-shot classification from the 10 class names (the captions name the
 large shape's class) and image <-> caption retrieval R@1/5/10.
 Arguments:
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
   """Returns the ConfigDict of an image-text contrastive run."""
   arg = config_lib.parse_arg(
       arg, loss="sigmoid", image="vit", lit="", variant="mini/4", text_variant="mini", res=32,
-      max_len=96, tokenizer="bytes", out_dim=64, batch_size=128, total_steps=600, lr=1e-3,
+      max_len=96, tokenizer="bytes", out_dim=64, batch_size=128, total_steps=300, lr=1e-3,
       wd=1e-4, seq_len=128, max_images=8, **common.DATA_ARGS)
   if arg.loss not in ("sigmoid", "softmax"):
     raise ValueError(f"Config argument 'loss' must be 'sigmoid' or 'softmax', got {arg.loss!r}.")
@@ -84,9 +84,9 @@ def get_config(arg: str | None = None):
   eval_data = common.data_fields(arg, arg.eval_split)
   eval_pp = f'decode|resize({arg.res})|value_range(-1, 1)'
   config.evals = dict(
-      zeroshot=dict(type="zeroshot", log_steps=200, batch_size=256, data=eval_data,
+      zeroshot=dict(type="zeroshot", log_steps=100, batch_size=256, data=eval_data,
                     pp=f'{eval_pp}|keep("image", "label")', templates=TEMPLATES,
                     tokenizer=arg.tokenizer, max_len=arg.max_len),
-      retrieval=dict(type="retrieval", log_steps=200, batch_size=256, data=eval_data,
+      retrieval=dict(type="retrieval", log_steps=100, batch_size=256, data=eval_data,
                      pp=f'{eval_pp}|{text_pp}|keep("image", "text")'))
   return config
