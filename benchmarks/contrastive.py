@@ -80,14 +80,14 @@ def step_mib(config: Any, impl: str, batch_size: int, mesh: Any) -> float:
   return total / 2**20
 
 
-def largest_fitting(config: Any, impl: str, mesh: Any) -> tuple[int, list[dict[str, Any]]]:
+def largest_fitting(config: Any, name: str, mesh: Any) -> tuple[int, list[dict[str, Any]]]:
   """The largest doubling of --start_batch whose step fits the budget (0: none), and the
   memory of every batch tried."""
   tried, best, batch = [], 0, FLAGS.start_batch
   while batch <= FLAGS.max_batch:
-    mib = step_mib(config, impl, batch, mesh)
+    mib = step_mib(config, IMPLS[name], batch, mesh)
     tried.append({"batch": batch, "mib": mib})
-    print(f"  {impl:9s} batch {batch:6d}: {mib:9.1f} MiB per device", flush=True)
+    print(f"  {name:9s} batch {batch:6d}: {mib:9.1f} MiB per device", flush=True)
     if mib > FLAGS.budget_mib:
       break
     best, batch = batch, batch * 2
@@ -102,8 +102,8 @@ def main(argv: list[str]) -> None:
   print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; loss "
         f"{config.contrastive.loss}; budget {FLAGS.budget_mib:g} MiB per device")
   results: dict[str, Any] = {"devices": int(mesh.devices.size), "budget_mib": FLAGS.budget_mib}
-  for name, impl in IMPLS.items():
-    best, tried = largest_fitting(config, impl, mesh)
+  for name in IMPLS:
+    best, tried = largest_fitting(config, name, mesh)
     results[name] = {"largest_batch": best, "tried": tried}
   both = min(results[name]["largest_batch"] for name in IMPLS)
   if both:

@@ -15,7 +15,8 @@ every image's set of negatives to its micro-batch.
 
 Config `contrastive` fields: `loss` ("sigmoid" = SigLIP, default; "softmax" = CLIP),
 `chunk_size` (image rows per block on a device; 0 = min(256, per-device rows)) and `impl`
-(the kernel's: "auto", "chunked", "pallas", "reference").
+(the kernel's: "auto", "chunked", "pallas" run the ring; "reference" is the naive loss on
+the global [B, B] logits, without shard_map: the baseline of benchmarks/contrastive.py).
 """
 import functools
 from typing import Any
@@ -110,7 +111,9 @@ class Contrastive(Task):
           zimg, ztxt, kind=opts["loss"], temperature=temperature,
           bias=bias if uses_bias else None, chunk_size=opts["chunk_size"] or None,
           axis_name=axis_name, impl=opts["impl"], valid=valid)
-    if self.mesh is None:
+    if self.mesh is None or opts["impl"] == "reference":
+      # The naive loss on the global [B, B] logits, laid out by the compiler (each device
+      # its rows against all B texts, as big_vision's all-gather trainer).
       return loss_fn(zimg, ztxt, temperature, bias, valid)
     axes = sharding.batch_axes(self.mesh)
     rows = P(axes)
