@@ -150,8 +150,9 @@ def check_detr(stdout: str) -> None:
 def check_contrastive(stdout: str) -> None:
   """What notebooks/contrastive.ipynb prints in quick mode (a smaller SigLIP, 10 steps of 32
   pairs; the zeroshot and retrieval evaluators on the first 128 test images; 8 images
-  shown). 10 steps do not make a model, so only properties that hold for any model are
-  checked, and the printed images and captions against the dataset's own generator."""
+  shown). 10 steps do not make a model (measured zero-shot top-1 0.102 and i2t R@1 0.008,
+  both chance), so only properties that hold for any model are checked, and the printed
+  images and captions against the dataset's own generator."""
   from big_vision_lite.input import shapes  # pylint: disable=g-import-not-at-top
   first = printed_number(stdout, r"SigLIP loss first (\d+\.\d+),")
   last = printed_number(stdout, r"SigLIP loss first \d+\.\d+, last (\d+\.\d+)")
