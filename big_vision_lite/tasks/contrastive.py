@@ -103,14 +103,12 @@ class Contrastive(Task):
     opts = self.options
     if valid is None:
       valid = jnp.ones(zimg.shape[:1], bool)
-    uses_bias = bias is not None
-    bias = bias if uses_bias else jnp.zeros((), jnp.float32)
 
     def loss_fn(zimg, ztxt, temperature, bias, valid, axis_name=None):
       return contrastive_kernel.contrastive_loss(
-          zimg, ztxt, kind=opts["loss"], temperature=temperature,
-          bias=bias if uses_bias else None, chunk_size=opts["chunk_size"] or None,
-          axis_name=axis_name, impl=opts["impl"], valid=valid)
+          zimg, ztxt, kind=opts["loss"], temperature=temperature, bias=bias,
+          chunk_size=opts["chunk_size"] or None, axis_name=axis_name, impl=opts["impl"],
+          valid=valid)
     if self.mesh is None or opts["impl"] == "reference":
       # The naive loss on the global [B, B] logits, laid out by the compiler (each device
       # its rows against all B texts, as big_vision's all-gather trainer).
