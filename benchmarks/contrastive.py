@@ -4,7 +4,9 @@ batch whose step fits a per-device memory budget, and the step time of both wher
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.contrastive
   python -m benchmarks.contrastive --config configs/siglip.py:loss=softmax --budget_mib 256
 
-(--config defaults to configs/siglip.py.)
+(--config defaults to configs/siglip.py.) The README's figures use one-layer width-32
+towers on 8 px images and 8-token captions (`--config.model.image.width=32 ...`), so that
+the loss's [B, B] terms, not the activations, decide the largest batch.
 The step is the loop's own (`train.build_training` of the config's `contrastive` task:
 forward of both towers, the loss, backward, AdamW) on synthetic images and captions, over
 all devices of the mesh. Only `contrastive.impl` differs between the two cases:
