@@ -243,23 +243,47 @@ def with_init_from_model(config: ml_collections.ConfigDict) -> ml_collections.Co
   is taken where `config.model` leaves it out or at the Model's default (configs/vit.py's
   `pool_type="gap"` is the default, so a timm import's class token wins); a field set to
   another value raises a ValueError naming it and both values. A `variant` (which the
-  import leaves None) must give the import's sizes. Returns a copy; config.json records
-  the effective fields.
+  import leaves None) must give the import's sizes. When the config's model wraps the
+  import's model as its backbone (the field named by the module's `BACKBONE_FIELD`, e.g.
+  two_towers' `model.image`), the same rule fills that field, and the wrapper keeps sizing
+  the backbone's head. Returns a copy; config.json records the effective
+  fields.
   """
   path = config.get("init_from")
   if not (isinstance(path, str) and path and checkpointing.is_import(path)):
     return config
   name, recorded = checkpointing.read_run_model(path)
-  if name != config.get("model_name") or not isinstance(recorded, Mapping):
+  own = dict(config.get("model") or {})
+  if not isinstance(recorded, Mapping):
     return config
+  if name == config.get("model_name"):
+    effective = _import_fields(name, own, recorded, path, "model", keep_head=True)
+  elif backbone_source(config.get("model_name"), own) == name and hasattr(
+      models.get(config.model_name), "BACKBONE_FIELD"):
+    field = models.get(config.model_name).BACKBONE_FIELD
+    effective = dict(own, **{field: _import_fields(
+        name, dict(own.get(field) or {}), recorded, path, f"model.{field}", keep_head=False)})
+  else:
+    return config
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    resolved.model = effective
+  return resolved
+
+
+def _import_fields(name: str, own: dict[str, Any], recorded: Mapping[str, Any], path: str,
+                   prefix: str, keep_head: bool) -> dict[str, Any]:
+  """The kwargs of model `name`: `own` (config field `prefix`) with the structural fields
+  of the import at `path` (its model.json `recorded`); `keep_head` also takes the import's
+  head size where `own` has none."""
   model_class = models.get(name).Model
   defaults = {f.name: f.default for f in dataclasses.fields(model_class)}
-  own = dict(config.get("model") or {})
   effective = dict(own)
   taken = []
   for field, value in recorded.items():
     if field in _NOT_STRUCTURAL or (value is None and field in own):
-      effective.setdefault(field, value)  # A head size, or a field the import leaves open.
+      if keep_head or field not in _NOT_STRUCTURAL:
+        effective.setdefault(field, value)  # A head size, or a field the import leaves open.
       continue
     if field not in own or _plain(own[field]) == _plain(defaults.get(field)):
       if field not in own or _plain(own[field]) != _plain(value):
@@ -267,22 +291,20 @@ def with_init_from_model(config: ml_collections.ConfigDict) -> ml_collections.Co
       effective[field] = value
     elif _plain(own[field]) != _plain(value):
       raise ValueError(
-          f"Config field 'model.{field}' is {own[field]!r}, but init_from {path} is an import "
-          f"whose model.json has {field}={value!r}; an import's structural fields decide the "
-          f"model. Set --config.model.{field}={value!r} (a field left at the model's default, "
-          f"{defaults.get(field)!r}, takes the import's value), or init_from an import of the "
-          "model this config describes.")
-  _check_same_hparams(model_class, effective, dict(recorded), own, path)
+          f"Config field '{prefix}.{field}' is {own[field]!r}, but init_from {path} is an "
+          f"import whose model.json has {field}={value!r}; an import's structural fields "
+          f"decide the model. Set --config.{prefix}.{field}={value!r} (a field left at the "
+          f"model's default, {defaults.get(field)!r}, takes the import's value), or init_from "
+          "an import of the model this config describes.")
+  _check_same_hparams(model_class, effective, dict(recorded), own, path, prefix)
   if taken:
-    logging.info("init_from %s: model fields from its model.json: %s.", path, ", ".join(taken))
-  resolved = config.copy_and_resolve_references()
-  with resolved.unlocked():
-    resolved.model = effective
-  return resolved
+    logging.info("init_from %s: %s fields from its model.json: %s.", path, prefix,
+                 ", ".join(taken))
+  return effective
 
 
 def _check_same_hparams(model_class: Any, effective: dict[str, Any], recorded: dict[str, Any],
-                        own: dict[str, Any], path: str) -> None:
+                        own: dict[str, Any], path: str, prefix: str) -> None:
   """A `variant` (or other size preset) in the config must resolve to the import's sizes."""
   if not hasattr(model_class, "hparams"):
     return
@@ -296,7 +318,7 @@ def _check_same_hparams(model_class: Any, effective: dict[str, Any], recorded: d
     keys = [k for k in mine if _plain(mine[k]) != _plain(theirs.get(k))]
     mine = ", ".join(f"{k}={mine[k]!r}" for k in keys)
     theirs = ", ".join(f"{k}={theirs.get(k)!r}" for k in keys)
-  field = f"'model.variant' ({own['variant']!r})" if "variant" in own else "'model'"
+  field = f"'{prefix}.variant' ({own['variant']!r})" if "variant" in own else f"'{prefix}'"
   raise ValueError(
       f"Config field {field} gives {mine}, but init_from {path} is "
       f"an import of {theirs} (its model.json). Use the variant the import was made from "

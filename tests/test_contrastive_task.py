@@ -126,17 +126,25 @@ def test_packed_softmax_loss_leaves_empty_slots_out_exactly():
                naive_loss_and_grads(task, params, batch, valid))
 
 
-def test_lit_keeps_the_image_tower_and_resumes_exactly(tmp_path):
-  """An image model's weights (a 10-class vit written as an import; its head dropped) fill
-  the image tower of a LiT run, which stays bit-identical while the text tower trains;
-  stopping at step 2 and resuming gives the straight run's params."""
-  vit_kwargs = dict(IMAGE, num_classes=10, posemb="learn")
+def write_vit_import(path: str, **fields) -> dict:
+  """A 10-class vit of the tiny tower's sizes with random weights, written as an import
+  (model.json and params/) at `path`; returns its variables."""
+  vit_kwargs = dict(IMAGE, num_classes=10, posemb="learn", **fields)
   shapes = jax.eval_shape(vit.Model(**vit_kwargs).init, jax.random.key(0),
                           np.zeros((1, 16, 16, 3), np.float32))
   rng = np.random.default_rng(2)
   loaded = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  import_timm.write_checkpoint(path, "vit", vit_kwargs, loaded)
+  return loaded
+
+
+def test_lit_keeps_the_image_tower_and_resumes_exactly(tmp_path):
+  """An image model's weights (a 10-class vit written as an import, with a class token
+  where the config pools "gap"; its head dropped) fill the image tower of a LiT run, which
+  takes the import's structure and stays bit-identical while the text tower trains;
+  stopping at step 2 and resuming gives the straight run's params."""
   import_dir = str(tmp_path / "vit_import")
-  import_timm.write_checkpoint(import_dir, "vit", vit_kwargs, loaded)
+  loaded = write_vit_import(import_dir, pool_type="tok")
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   config = tiny_config(f",lit={import_dir}")
   train.train_and_evaluate(config, resumed, stop_after_steps=2)
@@ -152,6 +160,24 @@ def test_lit_keeps_the_image_tower_and_resumes_exactly(tmp_path):
   jax.tree.map(np.testing.assert_array_equal,
                {k: v for k, v in tower.items() if k != "head"},
                {k: v for k, v in loaded["params"].items() if k != "head"})
+  assert "cls" in tower  # The import's class token: its pool_type, not the config's.
+
+
+def test_lit_import_fields_fill_the_image_tower_or_name_the_conflict(tmp_path):
+  """init_from an import of the image model: its structural fields fill model.image where
+  the config leaves the model's default (not its head size: the tower projects to
+  out_dim); a field set otherwise raises naming model.image.<field>."""
+  import_dir = str(tmp_path / "vit_import")
+  write_vit_import(import_dir, pool_type="tok", gelu_approximate=False)
+  resolved = config_lib.with_init_from_model(tiny_config(f",lit={import_dir}"))
+  assert resolved.model.image.pool_type == "tok"
+  assert resolved.model.image.gelu_approximate is False
+  assert "num_classes" not in resolved.model.image
+  config = tiny_config(f",lit={import_dir}")
+  config.model.image.pool_type = "map"
+  with pytest.raises(ValueError, match=r"'model\.image\.pool_type' is 'map', but init_from "
+                     r".*pool_type='tok'"):
+    config_lib.with_init_from_model(config)
 
 
 def test_config_errors_name_the_field():

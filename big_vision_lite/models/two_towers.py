@@ -44,6 +44,7 @@ IMAGE_MODELS = tuple(m for m in models.KNOWN if m not in NOT_IMAGE_TOWERS)
 # DINO run's backbone, or an FCMAE run for a ConvNeXt V2 tower (see `load_backbone`).
 LOADS_FROM = IMAGE_MODELS + ("dino", "fcmae")
 BACKBONE_KEY = "img"  # For a run of the image model, a two-towers run's backbone params.
+BACKBONE_FIELD = "image"  # Config field model.image: the backbone's kwargs.
 BACKBONE_FROM_EMA = False
 NORM_EPS = 1e-12  # Squared-norm floor of the L2 normalisation (an all-zero row stays 0).
 
