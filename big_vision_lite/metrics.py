@@ -1,20 +1,68 @@
-"""Metric writers (clu): console, TensorBoard and `metrics.jsonl`, the one place metrics go.
+"""Metric writers: console, TensorBoard and `metrics.jsonl`, the one place metrics go.
 
-Only process 0 writes files; other processes log to the console only.
+Only process 0 writes files; other processes log to the console only. The TensorBoard
+events are written with tensorboard's own TF-free event writer (clu's SummaryWriter
+imports TensorFlow, a 1.3 GB install for this one purpose). Every writer has
+`write_scalars(step, {name: scalar})`, `flush()` and `close()`.
 """
 import json
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
-from clu import metric_writers
-from clu.metric_writers import interface
+from absl import logging
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.summary.writer import event_file_writer
 
 
-class JsonlWriter(interface.MetricWriter):
+class Writer(Protocol):
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None: ...
+  def flush(self) -> None: ...
+  def close(self) -> None: ...
+
+
+def _floats(scalars: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in scalars.items()}
+
+
+class LoggingWriter:
+  """Logs "[step] name=value, ..." (names sorted) at INFO level."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    values = ", ".join(f"{k}={v:.6g}" for k, v in sorted(_floats(scalars).items()))
+    logging.info("[%d] %s", step, values)
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class TensorBoardWriter:
+  """Scalars as TensorBoard events (simple values) in `logdir`."""
+
+  def __init__(self, logdir: str):
+    self._events = event_file_writer.EventFileWriter(logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in _floats(scalars).items()])
+    self._events.add_event(event_pb2.Event(step=int(step), wall_time=time.time(),
+                                           summary=summary))
+
+  def flush(self) -> None:
+    self._events.flush()
+
+  def close(self) -> None:
+    self._events.close()
+
+
+class JsonlWriter:
   """Appends one JSON object per step to `<workdir>/metrics.jsonl` (scalars only).
 
   Scalars written for the same step in several calls (train and eval metrics) are merged
@@ -32,31 +80,7 @@ class JsonlWriter(interface.MetricWriter):
     if self._step is not None and step != self._step:
       self.flush()
     self._step = int(step)
-    self._pending.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-
-  def write_summaries(self, step, values, metadata=None) -> None:
-    del step, values, metadata
-
-  def write_images(self, step, images) -> None:
-    del step, images
-
-  def write_videos(self, step, videos) -> None:
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate) -> None:
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts) -> None:
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None) -> None:
-    del step, arrays, num_buckets
-
-  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None) -> None:
-    del step, point_clouds, point_colors, configs
-
-  def write_hparams(self, hparams) -> None:
-    del hparams
+    self._pending.update(_floats(scalars))
 
   def flush(self) -> None:
     if self._step is None or not self._pending:
@@ -71,6 +95,25 @@ class JsonlWriter(interface.MetricWriter):
     self.flush()
 
 
+class MultiWriter:
+  """Writes to each of `writers` in turn."""
+
+  def __init__(self, writers: Sequence[Writer]):
+    self._writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    for writer in self._writers:
+      writer.write_scalars(step, scalars)
+
+  def flush(self) -> None:
+    for writer in self._writers:
+      writer.flush()
+
+  def close(self) -> None:
+    for writer in self._writers:
+      writer.close()
+
+
 def _drop_partial_last_line(path: str) -> None:
   if not os.path.exists(path):
     return
@@ -83,13 +126,13 @@ def _drop_partial_last_line(path: str) -> None:
       f.truncate(tail_start + tail.rfind(b"\n") + 1)
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+def create_writer(workdir: str) -> Writer:
   """Console + TensorBoard + JSON lines on process 0, console elsewhere."""
   if jax.process_index() != 0:
-    return metric_writers.LoggingWriter()
-  return metric_writers.MultiWriter([
-      metric_writers.LoggingWriter(),
-      metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")),
+    return LoggingWriter()
+  return MultiWriter([
+      LoggingWriter(),
+      TensorBoardWriter(os.path.join(workdir, "tensorboard")),
       JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
   ])
 
