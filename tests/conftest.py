@@ -66,3 +66,25 @@ def train_losses(tmp_path):
     with open(tmp_path / "metrics.jsonl") as f:
       return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
   return run
+
+
+HIDE_TENSORFLOW = ("import sys\n"
+                   "class Hide:\n"
+                   "  def __init__(self, f): self.f = f\n"
+                   "  def find_spec(self, name, path=None, target=None):\n"
+                   "    if name.split('.')[0] == 'tensorflow': return None\n"
+                   "    return self.f.find_spec(name, path, target)\n"
+                   "sys.meta_path[:] = [Hide(f) for f in sys.meta_path]\n")
+
+
+@pytest.fixture
+def run_without_tensorflow():
+  """run(code) runs Python `code` in a subprocess (in the repository) where TensorFlow
+  cannot be imported, then checks it exited 0 without importing it."""
+  def run(code: str) -> None:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = HIDE_TENSORFLOW + code + "\nassert 'tensorflow' not in sys.modules\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+  return run
