@@ -92,11 +92,13 @@ class Model(nn.Module):
   reattention_norm: str = "layernorm"
   drop_path: float = 0.0
   head_zeroinit: bool = True
+  remat_policy: str = "none"
 
   def __post_init__(self):
     vit.check_choice("posemb", self.posemb, vit.POSEMB_TYPES)
     vit.check_choice("pool_type", self.pool_type, POOL_TYPES)
     vit.check_choice("reattention_norm", self.reattention_norm, REATTENTION_NORMS)
+    vit.check_choice("remat_policy", self.remat_policy, vit.REMAT_POLICIES)
     vit.check_encoder_fields(self.hparams(), 0.0, self.drop_path)
     super().__post_init__()
 
@@ -121,9 +123,10 @@ class Model(nn.Module):
                              self.pool_type == "tok")  # [B, (1+)N, D]
     aux: dict[str, Any] = {}
     maps = []
+    block = vit.remat(Block, self.remat_policy, static_argnums=(2,))
     for i in range(hp["depth"]):
       rate = self.drop_path * i / max(hp["depth"] - 1, 1)
-      x, layer_maps = Block(hp["mlp_dim"], hp["num_heads"], self.reattention_norm, rate,
+      x, layer_maps = block(hp["mlp_dim"], hp["num_heads"], self.reattention_norm, rate,
                             name=f"encoderblock_{i}")(x, train)
       maps.append(layer_maps)
     if return_attention:

@@ -177,6 +177,7 @@ class Encoder(nn.Module):
   layernorm_eps: float = 1e-6
   dtype_mm: str = "float32"
   final_norm: bool = True
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, task_cls: jax.Array | None,
@@ -185,9 +186,10 @@ class Encoder(nn.Module):
     """x [B, N, D], task_cls [B, T, D], memory[i] [B, Σm, D] per layer ->
     (x [B, N, D], task_cls [B, T, D], aux with "block{i:02d}")."""
     aux: dict[str, Any] = {}
+    block = vit.remat(MemoryBlock, self.remat_policy, static_argnums=(5,))
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
-      x, task_cls = MemoryBlock(
+      x, task_cls = block(
           self.mlp_dim, self.num_heads, self.dropout, rate, self.gelu_approximate,
           self.layernorm_eps, self.dtype_mm, name=f"encoderblock_{i}")(
               x, task_cls, memory[i], mask, train)
@@ -266,7 +268,7 @@ class Model(vit.Model):
     x, task_cls, encoder_aux = Encoder(
         hp["depth"], hp["mlp_dim"], hp["num_heads"], self.dropout, self.drop_path,
         self.gelu_approximate, self.layernorm_eps, self.dtype_mm, final_norm=pre_pool,
-        name="Transformer")(x, task_cls, memory, mask, train)
+        remat_policy=self.remat_policy, name="Transformer")(x, task_cls, memory, mask, train)
     aux.update(encoder_aux)
     aux["encoded"] = x
     x = vit.pool_tokens(x, self.pool_type, hp["mlp_dim"], hp["num_heads"],

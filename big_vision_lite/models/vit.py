@@ -36,6 +36,25 @@ def check_choice(field: str, value: Any, accepted: Sequence[Any]) -> None:
                      f"got {value!r}.")
 
 
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+def remat(block: type[nn.Module], remat_policy: str, static_argnums: tuple[int, ...]
+          ) -> type[nn.Module]:
+  """`block` (a Module class) recomputing its activations in the backward pass: "none"
+  stores them all (the class itself), "full" only the block's inputs, "dots" and
+  "dots_with_no_batch_dims" also the matmul outputs (`jax.checkpoint_policies`'
+  dots_saveable, dots_with_no_batch_dims_saveable). Parameter names do not change.
+  `static_argnums` (self = 0) are the block's Python-valued (e.g. bool) arguments."""
+  check_choice("remat_policy", remat_policy, REMAT_POLICIES)
+  if remat_policy == "none":
+    return block
+  policy = {"full": None, "dots": jax.checkpoint_policies.dots_saveable,
+            "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            }[remat_policy]
+  return nn.remat(block, policy=policy, static_argnums=static_argnums)
+
+
 def check_images(images: jax.Array, what: str, patch: tuple[int, int] | None = None
                  ) -> None:
   """Raises a ValueError unless `images` are float NHWC [B, H, W, 3] (at least one patch)."""
@@ -281,7 +300,8 @@ class Encoder1DBlock(nn.Module):
 
 class Encoder(nn.Module):
   """`depth` blocks (`encoderblock_{i}`), drop-path rising linearly from 0 to `drop_path`,
-  then LayerNorm `encoder_norm` unless `final_norm` is False."""
+  then LayerNorm `encoder_norm` unless `final_norm` is False; `remat_policy` (see `remat`)
+  trades the blocks' stored activations for recomputation."""
   depth: int
   mlp_dim: int
   num_heads: int
@@ -292,6 +312,7 @@ class Encoder(nn.Module):
   dtype_mm: str = "float32"
   final_norm: bool = True
   attention_impl: str = "auto"
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
@@ -300,9 +321,10 @@ class Encoder(nn.Module):
     """x [B, N, D] -> ([B, N, D], aux with "block{i:02d}" and, on request, "attention")."""
     aux: dict[str, Any] = {}
     maps = []
+    block = remat(Encoder1DBlock, self.remat_policy, static_argnums=(3, 4))
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
-      x, weights = Encoder1DBlock(
+      x, weights = block(
           self.mlp_dim, self.num_heads, self.dropout, rate, self.gelu_approximate,
           self.layernorm_eps, self.dtype_mm, self.attention_impl, name=f"encoderblock_{i}")(
               x, mask, train, return_attention, segment_ids)
@@ -360,9 +382,11 @@ class Model(nn.Module):
   gelu_approximate: bool = True
   layernorm_eps: float = 1e-6
   dtype_mm: str = "float32"
+  remat_policy: str = "none"
 
   def __post_init__(self):
     check_choice("pool_type", self.pool_type, POOL_TYPES)
+    check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     check_choice("posemb", self.posemb, POSEMB_TYPES)
     check_choice("final_norm", self.final_norm, FINAL_NORMS)
     check_choice("dtype_mm", self.dtype_mm, DTYPES_MM)
@@ -394,7 +418,8 @@ class Model(nn.Module):
     x, encoder_aux = Encoder(
         hp["depth"], hp["mlp_dim"], hp["num_heads"], self.dropout, self.drop_path,
         self.gelu_approximate, self.layernorm_eps, self.dtype_mm, final_norm=pre_pool,
-        name="Transformer")(x, train=train, return_attention=return_attention)
+        remat_policy=self.remat_policy, name="Transformer")(
+            x, train=train, return_attention=return_attention)
     aux.update(encoder_aux)
     aux["encoded"] = x
     x = pool_tokens(x, self.pool_type, hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
