@@ -27,6 +27,9 @@ from absl import logging
 from big_vision_lite import utils
 
 _FINGERPRINT_KEY = "state_fingerprint"
+# Layer stacks a model may hold either as `{name}_{i}` subtrees or scanned, as one `{name}`
+# subtree with a leading [depth] axis (models/vit.py `Encoder(scan_layers=...)`).
+STACKABLE_LAYERS = ("encoderblock",)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -294,9 +297,34 @@ def load_params(path: str) -> dict[str, Any]:
   return load_variables(path)["params"]
 
 
+def match_layer_stacking(init_params: Any, loaded: Any) -> Any:
+  """`loaded` with its layer stacks (`STACKABLE_LAYERS`) scanned or unscanned as in
+  `init_params`: `{name}_0` .. `{name}_{n-1}` are stacked into `{name}` [n, ...], or the
+  reverse, wherever in the tree the two layouts differ. Other entries pass unchanged."""
+  if not (isinstance(init_params, dict) and isinstance(loaded, dict)):
+    return loaded
+  out = dict(loaded)
+  for name in STACKABLE_LAYERS:
+    indices = sorted(int(m.group(1)) for k in out if (m := re.fullmatch(rf"{name}_(\d+)", k)))
+    if name in init_params and name not in out and indices:
+      if indices != list(range(len(indices))):
+        raise ValueError(f"Layers {name}_i to stack must be numbered 0..n-1, got {indices}.")
+      layers = [out.pop(f"{name}_{i}") for i in indices]
+      out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+    elif name in out and name not in init_params and f"{name}_0" in init_params:
+      stacked = out.pop(name)
+      depth = len(jax.tree.leaves(stacked)[0])
+      for i in range(depth):
+        out[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked)
+  return {k: match_layer_stacking(init_params[k], v) if k in init_params else v
+          for k, v in out.items()}
+
+
 def merge_init_params(init_params: Any, loaded: Any, skip: list[str] | tuple[str, ...],
                       where: str) -> Any:
-  """Takes `loaded` values for every param not matching a `skip` regex; shapes must agree."""
+  """Takes `loaded` values for every param not matching a `skip` regex; shapes must agree.
+  Scanned and unscanned layer stacks convert (`match_layer_stacking`)."""
+  loaded = match_layer_stacking(init_params, loaded)
   init_flat = utils.flatten_names(init_params)
   loaded_flat = utils.flatten_names(loaded)
   skipped = lambda name: any(re.fullmatch(p, name) for p in skip)

@@ -240,8 +240,8 @@ def test_cli_writes_loadable_checkpoint(tmp_path):
   model_name, kwargs, variables = import_timm.convert(GAP_LABEL, state)
   assert meta == {"model_name": model_name, "model": json.loads(json.dumps(kwargs))}
   # Every architecture field of vit.Model is explicit, so no config default can replace it.
-  training_only = {"head_zeroinit", "dropout", "drop_path", "dtype_mm", "remat_policy", "parent",
-                   "name"}
+  training_only = {"head_zeroinit", "dropout", "drop_path", "dtype_mm", "remat_policy",
+                   "scan_layers", "parent", "name"}
   structural = {f.name for f in dataclasses.fields(models.get("vit").Model)} - training_only
   assert structural <= set(meta["model"]), structural - set(meta["model"])
   assert (meta["model"]["num_heads"], meta["model"]["pool_type"]) == (16, "gap")

@@ -119,13 +119,15 @@ class Model(nn.Module):
   dtype_mm: str = "float32"
   attention_impl: str = "auto"
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     for field, accepted in (("posemb", POSEMB_TYPES), ("posemb_coords", POSEMB_COORDS),
                             ("posemb_combine", POSEMB_COMBINE), ("pool_type", POOL_TYPES),
                             ("dtype_mm", vit.DTYPES_MM),
                             ("attention_impl", packed_attention.IMPLS),
-                            ("remat_policy", vit.REMAT_POLICIES)):
+                            ("remat_policy", vit.REMAT_POLICIES),
+                            ("scan_layers", (False, True))):
       vit.check_choice(field, getattr(self, field), accepted)
     hp = self.hparams()
     vit.check_encoder_fields(hp, self.dropout, self.drop_path)
@@ -184,7 +186,8 @@ class Model(nn.Module):
     x, encoder_aux = vit.Encoder(
         hp["depth"], hp["mlp_dim"], hp["num_heads"], self.dropout, self.drop_path,
         self.gelu_approximate, self.layernorm_eps, self.dtype_mm,
-        attention_impl=self.attention_impl, remat_policy=self.remat_policy, name="Transformer")(
+        attention_impl=self.attention_impl, remat_policy=self.remat_policy,
+        scan_layers=self.scan_layers, name="Transformer")(
             x, train=train, return_attention=return_attention, segment_ids=segment_ids)
     aux.update(encoder_aux)
     aux["encoded"] = x

@@ -50,12 +50,14 @@ class Model(nn.Module):
   layernorm_eps: float = 1e-6
   dtype_mm: str = "float32"
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     vit.check_choice("pool_type", self.pool_type, POOL_TYPES)
     vit.check_choice("dtype_mm", self.dtype_mm, vit.DTYPES_MM)
     vit.check_choice("causal", self.causal, (False, True))
     vit.check_choice("remat_policy", self.remat_policy, vit.REMAT_POLICIES)
+    vit.check_choice("scan_layers", self.scan_layers, (False, True))
     for field in ("vocab_size", "max_len"):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -112,7 +114,8 @@ class Model(nn.Module):
     x, aux = vit.Encoder(hp["depth"], hp["mlp_dim"], hp["num_heads"], self.dropout,
                          gelu_approximate=self.gelu_approximate,
                          layernorm_eps=self.layernorm_eps, dtype_mm=self.dtype_mm,
-                         remat_policy=self.remat_policy, name="Transformer")(
+                         remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                         name="Transformer")(
                              x, mask, train, return_attention)
     aux["encoded"] = x  # [B, L, D]
 

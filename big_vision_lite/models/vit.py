@@ -278,13 +278,18 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
-               return_attention: bool = False, segment_ids: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array | None]:
-    """x [B, N, D] -> ([B, N, D], attention [B, heads, N, N] or None)."""
+               return_attention: bool = False, segment_ids: jax.Array | None = None,
+               drop_path_rate: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """x [B, N, D] -> ([B, N, D], attention [B, heads, N, N] or None).
+
+    `drop_path_rate` (a scanned encoder's per-layer rate, may be traced) replaces the field
+    `drop_path` as the rate; drop-path is on when the field is > 0.
+    """
     def residual(x, y):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       if train and self.drop_path > 0:
-        y = stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+        rate = self.drop_path if drop_path_rate is None else drop_path_rate
+        y = stochastic_depth(y, rate, self.make_rng("dropout"))
       return x + y
 
     y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
@@ -299,9 +304,11 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """`depth` blocks (`encoderblock_{i}`), drop-path rising linearly from 0 to `drop_path`,
-  then LayerNorm `encoder_norm` unless `final_norm` is False; `remat_policy` (see `remat`)
-  trades the blocks' stored activations for recomputation."""
+  """`depth` blocks, drop-path rising linearly from 0 to `drop_path`, then LayerNorm
+  `encoder_norm` unless `final_norm` is False; `remat_policy` (see `remat`) trades the
+  blocks' stored activations for recomputation. Blocks are `encoderblock_{i}`, or with
+  `scan_layers` one `nn.scan` over `encoderblock` whose params have a leading [depth] axis
+  (one compiled block: compile time independent of depth; `stack_layers` converts)."""
   depth: int
   mlp_dim: int
   num_heads: int
@@ -313,6 +320,7 @@ class Encoder(nn.Module):
   final_norm: bool = True
   attention_impl: str = "auto"
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
@@ -320,16 +328,31 @@ class Encoder(nn.Module):
                ) -> tuple[jax.Array, dict[str, Any]]:
     """x [B, N, D] -> ([B, N, D], aux with "block{i:02d}" and, on request, "attention")."""
     aux: dict[str, Any] = {}
-    maps = []
     block = remat(Encoder1DBlock, self.remat_policy, static_argnums=(3, 4))
+    rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    if self.scan_layers:
+      def layer(module, x, rate):
+        y, weights = module(x, mask, train, return_attention, segment_ids, rate)
+        return y, (y, weights)
+      x, (outputs, maps) = nn.scan(
+          layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          length=self.depth)(
+              block(self.mlp_dim, self.num_heads, self.dropout, self.drop_path,
+                    self.gelu_approximate, self.layernorm_eps, self.dtype_mm,
+                    self.attention_impl, name="encoderblock"),
+              x, jnp.asarray(rates, jnp.float32))  # outputs [depth, B, N, D]
+      maps = [None if maps is None else maps[i] for i in range(self.depth)]
+    else:
+      outputs, maps = [], []
+      for i, rate in enumerate(rates):
+        x, weights = block(
+            self.mlp_dim, self.num_heads, self.dropout, rate, self.gelu_approximate,
+            self.layernorm_eps, self.dtype_mm, self.attention_impl, name=f"encoderblock_{i}")(
+                x, mask, train, return_attention, segment_ids)
+        outputs.append(x)
+        maps.append(weights)
     for i in range(self.depth):
-      rate = self.drop_path * i / max(self.depth - 1, 1)
-      x, weights = block(
-          self.mlp_dim, self.num_heads, self.dropout, rate, self.gelu_approximate,
-          self.layernorm_eps, self.dtype_mm, self.attention_impl, name=f"encoderblock_{i}")(
-              x, mask, train, return_attention, segment_ids)
-      aux[f"block{i:02d}"] = x
-      maps.append(weights)
+      aux[f"block{i:02d}"] = outputs[i]
     if return_attention:
       aux["attention"] = maps
     if self.final_norm:
@@ -383,10 +406,12 @@ class Model(nn.Module):
   layernorm_eps: float = 1e-6
   dtype_mm: str = "float32"
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     check_choice("pool_type", self.pool_type, POOL_TYPES)
     check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    check_choice("scan_layers", self.scan_layers, (False, True))
     check_choice("posemb", self.posemb, POSEMB_TYPES)
     check_choice("final_norm", self.final_norm, FINAL_NORMS)
     check_choice("dtype_mm", self.dtype_mm, DTYPES_MM)
@@ -418,7 +443,7 @@ class Model(nn.Module):
     x, encoder_aux = Encoder(
         hp["depth"], hp["mlp_dim"], hp["num_heads"], self.dropout, self.drop_path,
         self.gelu_approximate, self.layernorm_eps, self.dtype_mm, final_norm=pre_pool,
-        remat_policy=self.remat_policy, name="Transformer")(
+        remat_policy=self.remat_policy, scan_layers=self.scan_layers, name="Transformer")(
             x, train=train, return_attention=return_attention)
     aux.update(encoder_aux)
     aux["encoded"] = x
