@@ -154,6 +154,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_debug(config.get("debug"))
   optimizer.validate_config(config)
   mesh = _validate_mesh(config.get("mesh"), config.get("sharding_rules"))
+  sharding.check_activation_rules(config.get("activation_rules"), mesh)
   divisor = sharding.batch_divisor(mesh)
   if not multiscale:
     accum = config.get("grad_accum_steps") or 1

@@ -11,10 +11,21 @@ unmatched leaves are replicated. A spec is:
     data-parallel devices and gathered by XLA where needed;
   - a tuple/list of axis names or None per dimension, as in `PartitionSpec`.
 The batch is split over every mesh axis named "data" (or the first axis).
-"""
-import re
-from typing import Any, Sequence
 
+`activation_rules` shard activations as well, as MaxText and t5x do: a list of
+(logical_axis, mesh axes) pairs, logical axes from ACTIVATION_AXES ("batch", "length",
+"embed", "mlp", "heads"), mesh axes an axis name, a tuple of them or None. Transformer
+blocks name their activations' axes (`nn.with_logical_constraint`, e.g. the residual
+stream [B, N, D] is ("batch", "length", "embed")) and the train step applies the rules
+while it traces (`activation_sharding`); unnamed logical axes stay unsharded. E.g. FSDP +
+tensor parallel: (("batch", "data"), ("mlp", "model"), ("heads", "model"),
+("embed", "model")).
+"""
+import contextlib
+import re
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -142,6 +153,39 @@ def infer_shardings(tree: Any, mesh: Mesh,
     return NamedSharding(mesh, P())
 
   return utils.tree_map_with_names(one, tree)
+
+
+ACTIVATION_AXES = ("batch", "length", "embed", "mlp", "heads")
+
+
+def check_activation_rules(rules: Sequence[Any] | None, mesh: Mesh) -> None:
+  """Raises a ValueError naming config field 'activation_rules' unless every rule is a
+  (logical axis of ACTIVATION_AXES, mesh axis / tuple of mesh axes / None) pair."""
+  axes = ", ".join(map(repr, mesh.axis_names))
+  for rule in rules or ():
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2
+            and rule[0] in ACTIVATION_AXES):
+      raise ValueError(f"Config field 'activation_rules' must be (logical_axis, mesh_axes) "
+                       f"pairs with logical_axis one of {', '.join(ACTIVATION_AXES)}; got "
+                       f"{rule!r}.")
+    names = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    unknown = [a for a in names if a is not None and a not in mesh.axis_names]
+    if unknown:
+      raise ValueError(f"Config field 'activation_rules': rule {tuple(rule)} names mesh axis "
+                       f"{unknown[0]!r}; the mesh axes are {axes} (or None).")
+
+
+@contextlib.contextmanager
+def activation_sharding(rules: Sequence[Any] | None, mesh: Mesh) -> Iterator[None]:
+  """While tracing inside it, models' logical activation constraints shard by `rules` on
+  `mesh`; without rules it changes nothing."""
+  if not rules:
+    yield
+    return
+  check_activation_rules(rules, mesh)
+  rules = tuple((logical, tuple(m) if isinstance(m, list) else m) for logical, m in rules)
+  with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

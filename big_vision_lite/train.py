@@ -275,7 +275,8 @@ class Training:
 
 def build_training(config: ml_collections.ConfigDict, task: Any, mesh: jax.sharding.Mesh,
                    batch_spec: dict[str, jax.ShapeDtypeStruct]) -> Training:
-  """Optimiser, state layout from `jax.eval_shape` and the sharding rules, jitted step."""
+  """Optimiser, state layout from `jax.eval_shape` and the sharding rules, jitted step
+  (activations sharded by config field 'activation_rules' where models name their axes)."""
   abstract_variables = jax.eval_shape(task.init, jax.random.key(0), batch_spec)
   tx, schedule = optimizer_lib.make_optimizer(config, abstract_variables["params"])
   init_fn = _init_state_fn(task, tx, config, batch_spec)
@@ -284,7 +285,13 @@ def build_training(config: ml_collections.ConfigDict, task: Any, mesh: jax.shard
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_shardings)
-  step = jax.jit(make_train_step(task, tx, schedule, config),
+  train_step = make_train_step(task, tx, schedule, config)
+
+  def step_with_activation_sharding(state, batch):
+    with sharding.activation_sharding(config.get("activation_rules"), mesh):
+      return train_step(state, batch)
+
+  step = jax.jit(step_with_activation_sharding,
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))

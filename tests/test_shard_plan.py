@@ -64,3 +64,7 @@ def test_plan_rows_for_the_pod_models():
   split = state.tensor_parallel_bytes_per_example / state.activation_bytes_per_example
   assert 0.3 < split < 1
   assert abs(tp["activations"] / dp["activations"] - 8 * (1 - split + split / 8)) < 1e-9
+  # With activation rules every residual is split 8 ways: 8x the examples, 1/8 each.
+  act = rows["FSDP + TP8 + act"]
+  assert (act["params"], act["optimizer"]) == (tp["params"], tp["optimizer"])
+  assert abs(act["activations"] / dp["activations"] - 1) < 1e-9

@@ -37,6 +37,10 @@ def check_choice(field: str, value: Any, accepted: Sequence[Any]) -> None:
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# Logical axes of activations, sharded by config field 'activation_rules' (see sharding.py).
+RESIDUAL_AXES = ("batch", "length", "embed")  # [B, N, D]
+HEADS_AXES = ("batch", "length", "heads", None)  # [B, N, H, Dh]
+MLP_AXES = ("batch", "length", "mlp")  # [B, N, mlp_dim]
 
 
 def remat(block: type[nn.Module], remat_policy: str, static_argnums: tuple[int, ...]
@@ -223,9 +227,9 @@ class MultiHeadAttention(nn.Module):
     dense = lambda name: nn.DenseGeneral(
         (self.num_heads, width // self.num_heads), dtype=self.dtype_mm, name=name,
         kernel_init=nn.initializers.xavier_uniform())
-    q = dense("query")(x)  # [B, Nq, H, Dh]
-    k = dense("key")(kv)  # [B, Nk, H, Dh]
-    v = dense("value")(kv)  # [B, Nk, H, Dh]
+    q = nn.with_logical_constraint(dense("query")(x), HEADS_AXES)  # [B, Nq, H, Dh]
+    k = nn.with_logical_constraint(dense("key")(kv), HEADS_AXES)  # [B, Nk, H, Dh]
+    v = nn.with_logical_constraint(dense("value")(kv), HEADS_AXES)  # [B, Nk, H, Dh]
     if segment_ids is not None and return_attention:
       mask = packed_attention.segment_mask(segment_ids)
     if mask is not None:
@@ -242,6 +246,7 @@ class MultiHeadAttention(nn.Module):
       out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)  # [B, Nq, H, Dh]
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, Nq, H, Dh]
+    out = nn.with_logical_constraint(out, HEADS_AXES)
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype_mm, name="out",
                           kernel_init=nn.initializers.xavier_uniform())(out)  # [B, Nq, D]
     return out, weights
@@ -260,6 +265,8 @@ class MlpBlock(nn.Module):
                 bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype_mm)
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, **init)(x)  # [..., mlp_dim]
+    if x.ndim == 3:
+      x = nn.with_logical_constraint(x, MLP_AXES)
     x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     return nn.Dense(width, **init)(x)  # [..., D]
@@ -292,6 +299,7 @@ class Encoder1DBlock(nn.Module):
         y = stochastic_depth(y, rate, self.make_rng("dropout"))
       return x + y
 
+    x = nn.with_logical_constraint(x, RESIDUAL_AXES)
     y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
     y, weights = MultiHeadAttention(self.num_heads, self.dtype_mm, self.attention_impl,
                                     name="MultiHeadDotProductAttention_0")(
@@ -300,7 +308,7 @@ class Encoder1DBlock(nn.Module):
     x = residual(x, y)
     y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype_mm)(y, train)
-    return residual(x, y), weights
+    return nn.with_logical_constraint(residual(x, y), RESIDUAL_AXES), weights
 
 
 class Encoder(nn.Module):

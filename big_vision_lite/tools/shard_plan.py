@@ -12,7 +12,8 @@ prints, under data parallel, FSDP and FSDP + tensor parallel, the bytes per devi
     example's share, so weights captured as residuals do not count), times the examples
     per data-parallel shard; with tensor parallelism, residuals with an MLP-hidden or a
     heads axis (Megatron's split) are divided by the model-axis size, the rest (residual
-    stream, norms) is replicated. Residuals are what `jax.vjp` keeps before XLA fuses, so
+    stream, norms) is replicated, unless activation rules (`TP_ACTIVATION_RULES`, the
+    "+ act" rows) shard the embed axis too: then every residual is divided. Residuals are what `jax.vjp` keeps before XLA fuses, so
     these are upper bounds of what a compiled step holds.
 The model runs in `--compute_dtype` as the train loop's `compute_dtype` casts it.
 """
@@ -52,20 +53,31 @@ TP_RULES = (
 )
 
 
+# Activation sharding for it (config field 'activation_rules'): the residual stream's embed
+# axis over "model" as well, so no activation stays replicated across the model axis.
+TP_ACTIVATION_RULES = (("batch", "data"), ("embed", "model"), ("mlp", "model"),
+                       ("heads", "model"))
+
+
 @dataclasses.dataclass
 class Layout:
   name: str
   mesh_axes: tuple[tuple[str, int], ...]
   rules: tuple[tuple[str, Any], ...]
+  activation_rules: tuple[tuple[str, Any], ...] = ()
 
 
 def layouts(devices: int, model_parallel: int) -> list[Layout]:
-  """Data parallel, FSDP and FSDP + tensor parallel on `devices` chips."""
+  """Data parallel, FSDP and FSDP + tensor parallel (without and with activation rules) on
+  `devices` chips."""
   return [
       Layout("data parallel", (("data", devices),), ((".*", "replicate"),)),
       Layout("FSDP", (("data", devices),), ((".*", "fsdp"),)),
       Layout(f"FSDP + TP{model_parallel}",
              (("data", devices // model_parallel), ("model", model_parallel)), TP_RULES),
+      Layout(f"FSDP + TP{model_parallel} + act",
+             (("data", devices // model_parallel), ("model", model_parallel)), TP_RULES,
+             TP_ACTIVATION_RULES),
   ]
 
 
@@ -137,8 +149,11 @@ def plan(state: ModelState, layout: Layout, batch_size: int) -> dict[str, float]
     raise ValueError(f"Flag 'batch_size' ({batch_size}) must be divisible by the "
                      f"{data_shards} data-parallel shards of {layout.name}.")
   model_shards = mesh.shape.get("model", 1)
-  per_example = (state.activation_bytes_per_example - state.tensor_parallel_bytes_per_example
-                 + state.tensor_parallel_bytes_per_example / model_shards)
+  if ("embed", "model") in layout.activation_rules:  # Every residual is split.
+    per_example = state.activation_bytes_per_example / model_shards
+  else:
+    per_example = (state.activation_bytes_per_example - state.tensor_parallel_bytes_per_example
+                   + state.tensor_parallel_bytes_per_example / model_shards)
   return {
       "params": per_device_bytes(state.params, mesh, layout.rules) / GIB,
       "optimizer": per_device_bytes(state.opt_state, mesh, layout.rules) / GIB,
