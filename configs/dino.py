@@ -50,7 +50,8 @@ def get_config(arg: str | None = None):
       batch_size=64, total_steps=300, lr=5e-4, min_lr_ratio=0.01, wd=0.04, wd_end=0.4,
       out_dim=4096, hidden_dim=512, bottleneck_dim=128, norm_last_layer=True, ema_decay=0.99,
       warmup_steps=30, teacher_temp=0.02, warmup_teacher_temp=0.02, teacher_temp_warmup_steps=0,
-      freeze_last_layer_steps=30, hue=0.5, saturation=0.8, grayscale_p=0.5, **common.DATA_ARGS)
+      freeze_last_layer_steps=30, hue=0.5, saturation=0.8, grayscale_p=0.5, centering="ema",
+      koleo_weight=0.0, **common.DATA_ARGS)
   if arg.backbone not in ("vit", "convnext2"):
     raise ValueError(f"Config argument 'backbone' must be 'vit' or 'convnext2', got "
                      f"{arg.backbone!r}.")
@@ -83,7 +84,8 @@ def get_config(arg: str | None = None):
   config.dino = dict(student_temp=0.1, teacher_temp=arg.teacher_temp,
                      warmup_teacher_temp=arg.warmup_teacher_temp,
                      warmup_teacher_temp_steps=arg.teacher_temp_warmup_steps,
-                     center_momentum=0.9, packed=arg.packed)
+                     center_momentum=0.9, packed=arg.packed, centering=arg.centering,
+                     koleo_weight=arg.koleo_weight)
   config.ema_decay = arg.ema_decay  # The teacher's momentum, cosine to 1.
   config.ema_decay_end = 1.0
 

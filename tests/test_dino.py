@@ -85,6 +85,49 @@ def test_loss_matches_naive_official_loop(num_local):
                         naive_dino_loss(student, teacher, center, 0.1, 0.04))
 
 
+def naive_sinkhorn_knopp(teacher, teacher_temp, iterations):
+  """DINOv2's sinkhorn_knopp_teacher on one process, in float64 numpy: teacher [N, K]."""
+  q = np.exp(np.float64(teacher) / teacher_temp).T  # [K, N]
+  num_prototypes, num_samples = q.shape
+  q /= q.sum()
+  for _ in range(iterations):
+    q /= q.sum(axis=1, keepdims=True)
+    q /= num_prototypes
+    q /= q.sum(axis=0, keepdims=True)
+    q /= num_samples
+  return (q * num_samples).T
+
+
+def naive_koleo(features):
+  """DINOv2's KoLeoLoss, row by row in float64 numpy: features [N, D]."""
+  x = np.float64(features) / np.linalg.norm(features, axis=-1, keepdims=True)
+  total = 0.0
+  for i in range(len(x)):
+    others = [j for j in range(len(x)) if j != i]
+    nearest = others[int(np.argmax([x[i] @ x[j] for j in others]))]
+    total -= np.log(np.linalg.norm(x[i] - x[nearest] + 1e-8) + 1e-8)
+  return total / len(x)
+
+
+def test_sinkhorn_knopp_and_koleo_match_naive_dinov2_loops():
+  rng = np.random.default_rng(2)
+  teacher = rng.normal(size=(12, 7))
+  got = dino_losses.sinkhorn_knopp_targets(jnp.asarray(teacher, jnp.float32), 0.5, 3)
+  np.testing.assert_allclose(got, naive_sinkhorn_knopp(teacher, 0.5, 3), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(got).sum(-1), 1.0, rtol=1e-5)
+  # Balanced prototypes: every column carries about N / K of the mass (exactly only in the
+  # limit of many iterations), unlike the plain softmax.
+  softmax = np.asarray(jax.nn.softmax(teacher / 0.5, axis=-1))
+  assert np.abs(np.asarray(got).sum(0) - 12 / 7).max() < 0.1 * np.abs(softmax.sum(0) - 12 / 7).max()
+  features = rng.normal(size=(9, 5))
+  features[3] = features[1] * 2.0  # Same direction: distance 0, the eps keeps it finite.
+  np.testing.assert_allclose(dino_losses.koleo_loss(jnp.asarray(features, jnp.float32)),
+                             naive_koleo(features), rtol=1e-5)
+  grouped = np.stack([features, features[::-1]])  # [2, N, D]: each group on its own.
+  np.testing.assert_allclose(dino_losses.koleo_loss(jnp.asarray(grouped, jnp.float32)),
+                             naive_koleo(features), rtol=1e-5)
+
+
 def test_schedules_follow_their_closed_forms():
   total = 50
   steps = np.arange(total + 1)
@@ -246,10 +289,48 @@ def test_center_and_teacher_after_a_step_on_one_and_eight_devices():
                one["ema_params"], one["params"], initial["params"])
 
 
+def test_sinkhorn_knopp_and_koleo_step_loss_on_one_and_eight_devices():
+  """The step's loss with DINOv2's targets and KoLeo equals a numpy recomputation over the
+  GLOBAL batch (the balancing and the nearest neighbours span every device's rows)."""
+  dino = dict(tiny_config().dino.to_dict(), centering="sinkhorn_knopp", koleo_weight=0.1)
+  config = tiny_config(dino=dino)
+  batch = random_batch(batch=8)
+  initial, _, metrics_one = _one_step(config, batch)
+  _, _, metrics_eight = _one_step(tiny_config(dino=dino, mesh=[("data", 8)]), batch)
+  task = tasks.REGISTRY.get("dino")(config, models.from_config(config))
+  variables = {"params": initial["params"]}  # Student = teacher at step 0; no dropout.
+  def outputs(key):
+    crops = np.asarray(batch[key])
+    out, aux = task.apply_eval(variables, crops.reshape(-1, *crops.shape[2:]))
+    shape = crops.shape[:2]
+    return (np.asarray(out).reshape(*shape, -1).swapaxes(0, 1),
+            np.asarray(aux["pre_logits"]).reshape(*shape, -1).swapaxes(0, 1))
+  teacher, features = outputs("global_crops")  # [T, B, K], [T, B, D]
+  local, _ = outputs("local_crops")
+  temperature = float(metrics_one["teacher_temp"])
+  targets = naive_sinkhorn_knopp(teacher.reshape(-1, teacher.shape[-1]), temperature, 3)
+  def log_softmax(x):
+    return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(
+        -1, keepdims=True))
+  student = np.concatenate([teacher, local]) / 0.1  # [V, B, K]
+  targets = targets.reshape(teacher.shape)
+  pairs = [-(targets[t] * log_softmax(student[v])).sum(-1).mean()
+           for t in range(2) for v in range(len(student)) if v != t]
+  expected = np.mean(pairs) + 0.1 * sum(naive_koleo(f) for f in features)
+  np.testing.assert_allclose(metrics_one["loss"], expected, rtol=1e-4)
+  np.testing.assert_allclose(metrics_eight["loss"], expected, rtol=1e-4)
+
+
 def test_config_errors_name_the_field():
   from big_vision_lite import config_lib  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="'dino.teacher_temp'"):
     config_lib.validate(tiny_config(dino=dict(teacher_temp=0.0)))
+  with pytest.raises(ValueError, match="'dino.centering' must be one of ema, sinkhorn_knopp"):
+    config_lib.validate(tiny_config(dino=dict(centering="sk")))
+  with pytest.raises(ValueError, match="'dino.koleo_weight' must be a number >= 0"):
+    config_lib.validate(tiny_config(dino=dict(koleo_weight=-0.1)))
+  with pytest.raises(ValueError, match="'dino.sinkhorn_iterations' must be an int >= 1"):
+    config_lib.validate(tiny_config(dino=dict(sinkhorn_iterations=0)))
   with pytest.raises(ValueError, match="'ema_decay'"):
     config_lib.validate(tiny_config(ema_decay=None, ema_decay_end=None))
   with pytest.raises(ValueError, match="backbone_name='navit'"):

@@ -15,6 +15,11 @@ Config `dino` fields: `student_temp` (0.1), `teacher_temp` (0.07), `warmup_teach
 `center_momentum` (0.9), `packed` (False; True with a NaViT backbone runs ONE student
 forward over sequences that pack each image's global and local crops, each crop a segment
 at its own resolution, instead of one forward per crop resolution; same loss).
+DINOv2's (Oquab et al. 2023) additions: `centering` ("ema", the paper's, or
+"sinkhorn_knopp": the teacher's targets over the global batch's global crops balanced
+across prototypes, `sinkhorn_iterations` 3; the EMA center is still kept as a metric) and
+`koleo_weight` (0: off; DINOv2 uses 0.1) x the KoLeo loss of the student's backbone
+features of each global crop over the global batch, summed over the global crops.
 """
 from typing import Any
 
@@ -30,7 +35,9 @@ from big_vision_lite.tasks import base
 from big_vision_lite.tasks.base import Task
 
 DEFAULTS = dict(student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
-                warmup_teacher_temp_steps=0, center_momentum=0.9, packed=False)
+                warmup_teacher_temp_steps=0, center_momentum=0.9, packed=False,
+                centering="ema", sinkhorn_iterations=3, koleo_weight=0.0)
+CENTERINGS = ("ema", "sinkhorn_knopp")
 CENTER = "dino"  # The extra collection holding {"center": [K]}.
 
 
@@ -51,6 +58,16 @@ def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"Config field 'dino.center_momentum' must be in [0, 1], got {momentum!r}.")
   if not isinstance(opts["packed"], bool):
     raise ValueError(f"Config field 'dino.packed' must be true or false, got {opts['packed']!r}.")
+  if opts["centering"] not in CENTERINGS:
+    raise ValueError(f"Config field 'dino.centering' must be one of {', '.join(CENTERINGS)}; "
+                     f"got {opts['centering']!r}.")
+  iterations = opts["sinkhorn_iterations"]
+  if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    raise ValueError(f"Config field 'dino.sinkhorn_iterations' must be an int >= 1, got "
+                     f"{iterations!r}.")
+  weight = opts["koleo_weight"]
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+    raise ValueError(f"Config field 'dino.koleo_weight' must be a number >= 0, got {weight!r}.")
   return opts
 
 
@@ -121,21 +138,25 @@ class DINO(Task):
     return batch[key]
 
   def _student(self, params: Any, extra: dict[str, Any], global_crops: jax.Array,
-               local_crops: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
-    """Student outputs [B, T + N, K] for every crop (globals first), and updated extra."""
-    b = global_crops.shape[0]
+               local_crops: jax.Array, rng: jax.Array
+               ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+    """Student outputs [B, T + N, K] for every crop (globals first), the backbone's pooled
+    features [B, T, D] of the T global crops, and updated extra."""
+    b, num_global = global_crops.shape[:2]
     if self.options["packed"]:
       inputs = packed_crops(global_crops, local_crops, self._patch_size())
       patches = inputs.pop("patches")
-      out, _, extra = self.apply(params, extra, patches, rng, True, **inputs)
-      return out, extra  # [B, T + N, K]
-    outs = []
+      out, aux, extra = self.apply(params, extra, patches, rng, True, **inputs)
+      return out, aux["pre_logits"][:, :num_global], extra  # [B, T + N, K], [B, T, D]
+    outs, global_features = [], None
     for index, crops in enumerate((global_crops, local_crops)):
       if crops.shape[1]:
         flat = crops.reshape(b * crops.shape[1], *crops.shape[2:])
-        out, _, extra = self.apply(params, extra, flat, jax.random.fold_in(rng, index), True)
+        out, aux, extra = self.apply(params, extra, flat, jax.random.fold_in(rng, index), True)
         outs.append(out.reshape(b, crops.shape[1], -1))
-    return jnp.concatenate(outs, axis=1), extra
+        if index == 0:
+          global_features = aux["pre_logits"].reshape(b, num_global, -1)
+    return jnp.concatenate(outs, axis=1), global_features, extra
 
   def _patch_size(self) -> int:
     """The NaViT backbone's patch side."""
@@ -157,21 +178,34 @@ class DINO(Task):
         global_crops.reshape(b * num_global, *global_crops.shape[2:]), None, False)
     teacher_out = jax.lax.stop_gradient(teacher_out.astype(jnp.float32)).reshape(
         b, num_global, -1)  # [B, T, K]
-    student_out, new_extra = self._student(params, extra, global_crops, local_crops, rng)
+    student_out, student_features, new_extra = self._student(params, extra, global_crops,
+                                                             local_crops, rng)
     student_out = student_out.astype(jnp.float32)  # [B, T + N, K]
     temperature = teacher_temperature(step, opts["warmup_teacher_temp"], opts["teacher_temp"],
                                       opts["warmup_teacher_temp_steps"])
-    loss = dino_losses.dino_loss(
-        jnp.swapaxes(student_out, 0, 1), jnp.swapaxes(teacher_out, 0, 1), center,
-        student_temp=opts["student_temp"], teacher_temp=temperature)  # Crop-major.
-    # The mean of a batch-sharded array is global: every device's and process's rows count.
+    # Sums and means over the batch axis of a batch-sharded array are global: every
+    # device's and process's rows count.
+    if opts["centering"] == "sinkhorn_knopp":
+      targets = dino_losses.sinkhorn_knopp_targets(
+          teacher_out.reshape(b * num_global, -1), temperature,
+          opts["sinkhorn_iterations"]).reshape(teacher_out.shape)  # [B, T, K]
+    else:
+      targets = dino_losses.centered_targets(teacher_out, center, temperature)  # [B, T, K]
+    loss = dino_losses.dino_cross_entropy(
+        jnp.swapaxes(student_out, 0, 1), jnp.swapaxes(targets, 0, 1),
+        student_temp=opts["student_temp"])  # Crop-major.
+    metrics = {}
+    if opts["koleo_weight"]:
+      koleo = dino_losses.koleo_loss(
+          jnp.swapaxes(student_features.astype(jnp.float32), 0, 1)) * num_global
+      metrics["koleo"] = koleo
+      loss = loss + opts["koleo_weight"] * koleo
     batch_center = teacher_out.mean(axis=(0, 1))  # [K]
     momentum = opts["center_momentum"]
     new_center = center * momentum + batch_center * (1 - momentum)
-    teacher_probs = jax.nn.softmax((teacher_out - center) / temperature, -1)  # [B, T, K]
-    entropy = -(teacher_probs * jnp.log(teacher_probs + 1e-12)).sum(-1).mean()
-    metrics = {"loss": loss, "teacher_temp": temperature, "teacher_entropy": entropy,
-               "center_norm": jnp.linalg.norm(new_center)}
+    entropy = -(targets * jnp.log(targets + 1e-12)).sum(-1).mean()
+    metrics.update(loss=loss, teacher_temp=temperature, teacher_entropy=entropy,
+                   center_norm=jnp.linalg.norm(new_center))
     return loss, (metrics, dict(new_extra, **{CENTER: {"center": new_center}}))
 
   def apply(self, params: Any, extra: dict[str, Any], images: jax.Array,
