@@ -15,6 +15,7 @@ from big_vision_lite.tools import import_timm
 
 sys.path.insert(0, os.path.dirname(__file__))
 import make_timm_reference  # pylint: disable=wrong-import-position
+from test_remat import inputs  # pylint: disable=wrong-import-position
 
 DEPTH = 3
 CASES = {
@@ -24,15 +25,6 @@ CASES = {
     "text_transformer": dict(width=16, depth=DEPTH, mlp_dim=32, num_heads=2, vocab_size=50,
                              max_len=8, num_classes=3, causal=True),
 }
-
-
-def inputs(name: str) -> np.ndarray:
-  rng = np.random.default_rng(0)
-  if name == "text_transformer":
-    tokens = rng.integers(2, 50, (2, 8)).astype(np.int32)
-    tokens[0, 5:] = 0  # Padding.
-    return tokens
-  return rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
 
 
 def stacked_by_hand(params: dict) -> dict:
