@@ -27,9 +27,6 @@ from absl import logging
 from big_vision_lite import utils
 
 _FINGERPRINT_KEY = "state_fingerprint"
-# Layer stacks a model may hold either as `{name}_{i}` subtrees or scanned, as one `{name}`
-# subtree with a leading [depth] axis (models/vit.py `Encoder(scan_layers=...)`).
-STACKABLE_LAYERS = ("encoderblock",)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -298,13 +295,13 @@ def load_params(path: str) -> dict[str, Any]:
 
 
 def match_layer_stacking(init_params: Any, loaded: Any) -> Any:
-  """`loaded` with its layer stacks (`STACKABLE_LAYERS`) scanned or unscanned as in
+  """`loaded` with its layer stacks (`utils.STACKABLE_LAYERS`) scanned or unscanned as in
   `init_params`: `{name}_0` .. `{name}_{n-1}` are stacked into `{name}` [n, ...], or the
   reverse, wherever in the tree the two layouts differ. Other entries pass unchanged."""
   if not (isinstance(init_params, dict) and isinstance(loaded, dict)):
     return loaded
   out = dict(loaded)
-  for name in STACKABLE_LAYERS:
+  for name in utils.STACKABLE_LAYERS:
     indices = sorted(int(m.group(1)) for k in out if (m := re.fullmatch(rf"{name}_(\d+)", k)))
     if name in init_params and name not in out and indices:
       if indices != list(range(len(indices))):

@@ -133,10 +133,14 @@ def infer_shardings(tree: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] | None = None) -> Any:
   """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) by the rules.
 
+  Explicit specs are per layer: in a scanned stack (`utils.STACKABLE_LAYERS`, params with a
+  leading [depth] axis) they apply to the dimensions after it.
+
   A rule whose regex matches no leaf name raises a ValueError listing some names.
   """
   compiled = [(re.compile(pattern), spec) for pattern, spec in (rules or ())]
   names = list(utils.flatten_names(tree))
+  stacked = lambda name: any(part in utils.STACKABLE_LAYERS for part in name.split("/"))
   for (regex, spec), (pattern, _) in zip(compiled, rules or ()):
     if not any(regex.fullmatch(name) for name in names):
       params = [n for n in names if n.startswith("params/")] or names
@@ -149,6 +153,8 @@ def infer_shardings(tree: Any, mesh: Mesh,
     shape = tuple(getattr(leaf, "shape", ()))
     for regex, spec in compiled:
       if regex.fullmatch(name):
+        if isinstance(spec, (tuple, list)) and stacked(name):
+          spec = (None, *spec)  # A per-layer spec; the scanned layer axis stays whole.
         return NamedSharding(mesh, _spec_for(spec, shape, mesh, name))
     return NamedSharding(mesh, P())
 

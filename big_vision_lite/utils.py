@@ -4,6 +4,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+# Layer stacks a model may hold either as `{name}_{i}` subtrees or scanned, as one `{name}`
+# subtree with a leading [depth] axis (models/vit.py `Encoder(scan_layers=...)`).
+STACKABLE_LAYERS = ("encoderblock",)
+
 
 def path_name(path: tuple[Any, ...]) -> str:
   """`(DictKey('a'), DictKey('b'))` -> "a/b", the name regex rules match against."""

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from big_vision_lite import checkpointing
 from big_vision_lite import models
@@ -105,3 +106,16 @@ def test_layer_stacking_round_trip_and_timm_import_into_a_scanned_vit():
 def test_unknown_scan_value_is_named():
   with pytest.raises(ValueError, match="'scan_layers' must be one of False, True"):
     models.get("vit").Model(scan_layers="yes")
+
+
+def test_per_layer_sharding_rules_skip_the_scanned_layer_axis():
+  from big_vision_lite import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh([("data", 2), ("model", 4)])
+  bias = jax.ShapeDtypeStruct((DEPTH, 64), jnp.float32)
+  tree = {"params": {"Transformer": {"encoderblock": {"MlpBlock_0": {"Dense_0": {"bias": bias}}},
+                                     "encoderblock_0": {"MlpBlock_0": {"Dense_0": {
+                                         "bias": jax.ShapeDtypeStruct((64,), jnp.float32)}}}}}}
+  shardings = sharding.infer_shardings(tree, mesh, [(r".*Dense_0/bias", ("model",))])
+  encoder = shardings["params"]["Transformer"]
+  assert encoder["encoderblock"]["MlpBlock_0"]["Dense_0"]["bias"].spec == P(None, "model")
+  assert encoder["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["bias"].spec == P("model")

@@ -68,3 +68,22 @@ def test_plan_rows_for_the_pod_models():
   act = rows["FSDP + TP8 + act"]
   assert (act["params"], act["optimizer"]) == (tp["params"], tp["optimizer"])
   assert abs(act["activations"] / dp["activations"] - 1) < 1e-9
+
+
+COMPILE_TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=(4, 4),
+                    num_classes=8)
+
+
+def test_compiled_memory_is_linear_in_the_batch_and_falls_with_remat_under_scan():
+  """XLA's temporaries of the real step on a 2 x 4 CPU mesh (FSDP + TP + activation rules):
+  the two-compile extrapolation predicts a third compile, and scan + remat keeps less."""
+  assert jax.device_count() >= 8, "conftest sets 8 host devices"
+  layout = shard_plan.layouts(8, 4)[-1]
+  assert layout.activation_rules
+  plan = shard_plan.compiled_plan(COMPILE_TINY, 32, layout, "float32", hbm_gib=1.0)
+  four = shard_plan.compiled_step_bytes(COMPILE_TINY, 32, layout, 4, "float32")
+  predicted = plan["temporaries"] + 3 * plan["per_example"]
+  assert abs(four["temporaries"] / shard_plan.GIB / predicted - 1) < 0.1
+  assert plan["max_examples_per_shard"] > 4
+  remat = shard_plan.compiled_step_bytes(COMPILE_TINY, 32, layout, 4, "float32", "full", True)
+  assert remat["temporaries"] < 0.8 * four["temporaries"], (remat, four)

@@ -16,6 +16,16 @@ prints, under data parallel, FSDP and FSDP + tensor parallel, the bytes per devi
     "+ act" rows) shard the embed axis too: then every residual is divided. Residuals are what `jax.vjp` keeps before XLA fuses, so
     these are upper bounds of what a compiled step holds.
 The model runs in `--compute_dtype` as the train loop's `compute_dtype` casts it.
+
+With `--compiled`, it also compiles the train loop's own step (`train.build_training`:
+classification loss, AdamW, the layout's param and activation rules) for each layout on
+the host's devices, which must number `--devices` (fake CPU devices:
+XLA_FLAGS=--xla_force_host_platform_device_count=N), at 1 and 2 examples per data shard,
+with `--remat_policy` and `--scan_layers`, and prints XLA's `memory_analysis()` per device:
+arguments (params, optimiser state, batch) and temporaries at 1 example per shard, the
+temporaries each further example adds, and the largest examples per shard that fit
+`--hbm_gib` (temporaries are linear in the batch; tests/test_shard_plan.py checks the
+extrapolation against a third compile).
 """
 import dataclasses
 from typing import Any, Sequence
@@ -30,6 +40,8 @@ from jax.sharding import AbstractMesh
 from big_vision_lite import models
 from big_vision_lite import optimizer as optimizer_lib
 from big_vision_lite import sharding
+from big_vision_lite import tasks
+from big_vision_lite import train
 from big_vision_lite import utils
 from big_vision_lite.models import vit
 from big_vision_lite.tasks.base import cast_floating
@@ -40,6 +52,11 @@ MODELS = {
     "ViT-g/14": dict(variant="g/14", num_classes=1000, pool_type="map"),
     "ViT-22B-like": dict(width=6144, depth=48, mlp_dim=24576, num_heads=48, patch_size=(14, 14),
                          num_classes=1000, pool_type="map"),
+}
+# Models --compiled can compile in minutes on CPU.
+COMPILED_MODELS = {
+    "ViT-L/16": dict(variant="L/16", num_classes=1000),
+    "ViT-g/14": MODELS["ViT-g/14"],
 }
 # Megatron-style tensor parallel over "model" with FSDP over "data" for the rest.
 TP_RULES = (
@@ -162,6 +179,44 @@ def plan(state: ModelState, layout: Layout, batch_size: int) -> dict[str, float]
   }
 
 
+def compiled_step_bytes(model_kwargs: dict[str, Any], res: int, layout: Layout,
+                        examples_per_shard: int, compute_dtype: str, remat_policy: str = "none",
+                        scan_layers: bool = False) -> dict[str, float]:
+  """XLA's bytes per device (arguments, temporaries) of the train loop's classification
+  step of a `vit` with `model_kwargs` under `layout`, compiled on the host's devices."""
+  config = ml_collections.ConfigDict(dict(
+      model_name="vit", task="classification", total_steps=1000, lr=1e-3, wd=1e-4,
+      optax_name="adamw", compute_dtype=compute_dtype, mesh=list(layout.mesh_axes),
+      sharding_rules=list(layout.rules), activation_rules=list(layout.activation_rules),
+      model=dict(model_kwargs, remat_policy=remat_policy, scan_layers=scan_layers)))
+  mesh = sharding.make_mesh(config.mesh)
+  batch_size = examples_per_shard * sharding.batch_divisor(mesh)
+  task = tasks.REGISTRY.get(config.task)(config, models.from_config(config), mesh)
+  spec = {"image": jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.float32),
+          "labels": jax.ShapeDtypeStruct((batch_size, model_kwargs["num_classes"]),
+                                         jnp.float32)}
+  training = train.build_training(config, task, mesh, spec)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+           for k, v in spec.items()}
+  memory = training.step.lower(training.abstract_state, batch).compile().memory_analysis()
+  return {"arguments": memory.argument_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
+
+
+def compiled_plan(model_kwargs: dict[str, Any], res: int, layout: Layout, compute_dtype: str,
+                  hbm_gib: float, remat_policy: str = "none", scan_layers: bool = False
+                  ) -> dict[str, float]:
+  """GiB per device from two compiles (1 and 2 examples per data shard): arguments and
+  temporaries at 1, temporaries per further example, and the most examples per shard
+  that fit `hbm_gib` (0 if not even one)."""
+  one, two = (compiled_step_bytes(model_kwargs, res, layout, n, compute_dtype, remat_policy,
+                                  scan_layers) for n in (1, 2))
+  per_example = max(two["temporaries"] - one["temporaries"], 1)
+  fixed = one["arguments"] + one["temporaries"] - per_example  # The batch-free part.
+  fits = int((hbm_gib * GIB - fixed) // per_example)
+  return {"arguments": one["arguments"] / GIB, "temporaries": one["temporaries"] / GIB,
+          "per_example": per_example / GIB, "max_examples_per_shard": max(fits, 0)}
+
+
 def main(argv: list[str]) -> None:
   del argv
   args = flags.FLAGS
@@ -182,6 +237,22 @@ def main(argv: list[str]) -> None:
       print(f"{name:<14} {layout.name:<16} {row['params']:8.2f} {row['optimizer']:8.2f} "
             f"{row['activations']:8.2f} {total:8.2f}  {'yes' if total <= args.hbm_gib else 'no'}"
             f"  ({row['num_params'] / 1e9:.2f}B params)", flush=True)
+  if not args.compiled:
+    return
+  if jax.device_count() != args.devices:
+    raise app.UsageError(f"--compiled needs {args.devices} devices, this host has "
+                         f"{jax.device_count()}: set XLA_FLAGS=--xla_force_host_platform_"
+                         f"device_count={args.devices} (CPU).")
+  print(f"\nCompiled by XLA on {args.devices} {jax.devices()[0].platform} devices "
+        f"(remat_policy={args.remat_policy}, scan_layers={args.scan_layers}); GiB per device; "
+        f"examples per data shard that fit {args.hbm_gib:g} GiB:")
+  for name in args.compiled_models:
+    for layout in layouts(args.devices, args.model_parallel):
+      row = compiled_plan(COMPILED_MODELS[name], args.res, layout, args.compute_dtype,
+                          args.hbm_gib, args.remat_policy, args.scan_layers)
+      print(f"{name:<14} {layout.name:<22} arguments {row['arguments']:8.2f}  temporaries "
+            f"(1 example/shard) {row['temporaries']:8.2f}  per example "
+            f"{row['per_example']:7.3f}  fits {row['max_examples_per_shard']}", flush=True)
 
 
 if __name__ == "__main__":
@@ -191,4 +262,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("res", 224, "Image side.")
   flags.DEFINE_string("compute_dtype", "bfloat16", "Activation dtype.")
   flags.DEFINE_float("hbm_gib", 32.0, "Memory per chip (TPU v4: 32, v5e: 16, v5p: 95).")
+  flags.DEFINE_bool("compiled", False, "Also compile the step on the host's devices.")
+  flags.DEFINE_list("compiled_models", ["ViT-L/16"], f"Of {', '.join(COMPILED_MODELS)}.")
+  flags.DEFINE_string("remat_policy", "none", "For --compiled.")
+  flags.DEFINE_bool("scan_layers", False, "For --compiled.")
   app.run(main)
