@@ -287,16 +287,15 @@ def build_training(config: ml_collections.ConfigDict, task: Any, mesh: jax.shard
       abstract_state, state_shardings)
   train_step = make_train_step(task, tx, schedule, config)
 
-  def step_with_activation_sharding(state, batch):
+  def step(state, batch):  # The name jax.log_compiles reports: "jit(step)".
     with sharding.activation_sharding(config.get("activation_rules"), mesh):
       return train_step(state, batch)
 
-  step = jax.jit(step_with_activation_sharding,
-                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+  jitted_step = jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                        out_shardings=(state_shardings, sharding.replicated(mesh)),
+                        donate_argnums=(0,))
   return Training(abstract_state, state_shardings,
-                  jax.jit(init_fn, out_shardings=state_shardings), step)
+                  jax.jit(init_fn, out_shardings=state_shardings), jitted_step)
 
 
 def _check_finite(step: int, metrics: dict[str, Any]) -> None:
