@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from big_vision_lite.models import deepvit
-from big_vision_lite.models import vit
+from big_vision_lite.models import layers
 
 
 def tokens(seed=0, shape=(2, 7, 24)):
@@ -18,7 +18,7 @@ def test_identity_mixing_without_norm_is_plain_attention():
   reattention = deepvit.ReAttention(num_heads=3, norm="none")
   params = reattention.init(jax.random.key(0), x)["params"]
   params = dict(params, reattention_weights=jnp.eye(3))
-  plain = vit.MultiHeadAttention(num_heads=3)
+  plain = layers.MultiHeadAttention(num_heads=3)
   plain_params = {k: v for k, v in params.items() if k != "reattention_weights"}
   got, maps = reattention.apply({"params": params}, x)
   want, want_maps = plain.apply({"params": plain_params}, x, return_attention=True)
@@ -33,7 +33,7 @@ def test_reattention_maps_follow_the_formula():
   theta = np.random.default_rng(2).normal(size=(4, 4)).astype(np.float32)
   params = dict(params, reattention_weights=jnp.asarray(theta))
   _, maps = module.apply({"params": params}, x)
-  _, plain = vit.MultiHeadAttention(num_heads=4).apply(
+  _, plain = layers.MultiHeadAttention(num_heads=4).apply(
       {"params": {k: v for k, v in params.items()
                   if k not in ("reattention_weights", "reattention_norm")}},
       x, return_attention=True)

@@ -14,6 +14,7 @@ from big_vision_lite import utils
 from big_vision_lite.input import data as data_lib
 from big_vision_lite.models import convnext2
 from big_vision_lite.models import fcmae
+from big_vision_lite.models import layers
 from big_vision_lite.tasks import fcmae as fcmae_task
 from big_vision_lite.tools import fcmae_reconstruct
 from big_vision_lite.tools import feature_collapse
@@ -48,13 +49,13 @@ def test_random_mask_keeps_the_paper_count_per_image():
 
 def test_patchify_layout_and_inverse():
   x = np.asarray(images(2, 64))
-  patches = np.asarray(fcmae.patchify(jnp.asarray(x)))
+  patches = np.asarray(layers.patchify(jnp.asarray(x), fcmae.PATCH))
   assert patches.shape == (2, 2, 2, 32 * 32 * 3)
   for i in range(2):
     for j in range(2):
       want = x[1, i * 32:(i + 1) * 32, j * 32:(j + 1) * 32].reshape(-1)
       np.testing.assert_array_equal(patches[1, i, j], want)
-  np.testing.assert_array_equal(fcmae.unpatchify(jnp.asarray(patches), 3), x)
+  np.testing.assert_array_equal(layers.unpatchify(jnp.asarray(patches), 3, fcmae.PATCH), x)
   visible = np.array([[1, 0], [0, 1]], np.float32).reshape(1, 2, 2, 1)
   want = np.repeat(np.repeat(visible, 32, axis=1), 32, axis=2).repeat(3, axis=3)
   np.testing.assert_array_equal(fcmae.pixel_mask(jnp.asarray(visible), 3), want)
@@ -63,7 +64,7 @@ def test_patchify_layout_and_inverse():
 def test_targets_and_masked_mse_on_known_inputs():
   x = np.asarray(images(3, 64, seed=1))
   target = np.asarray(fcmae.patch_targets(jnp.asarray(x)))
-  raw = np.asarray(fcmae.patchify(jnp.asarray(x)))
+  raw = np.asarray(layers.patchify(jnp.asarray(x), fcmae.PATCH))
   want = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(target, want, atol=1e-5)
   np.testing.assert_array_equal(fcmae.patch_targets(jnp.asarray(x), normalise=False), raw)

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from big_vision_lite import models
 from big_vision_lite.models import mobilevit2
-from big_vision_lite.models import vit
+from big_vision_lite.models import layers
 from big_vision_lite.tools import import_timm
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -55,7 +55,7 @@ def test_separable_attention_cost_is_linear_in_tokens():
   separable = mobilevit2.SeparableSelfAttention()
   ratio = _flops(separable, 1024) / _flops(separable, 256)
   assert 3.6 < ratio < 4.4, ratio
-  standard = vit.MultiHeadAttention(num_heads=1)
+  standard = layers.MultiHeadAttention(num_heads=1)
   quadratic_ratio = _flops(standard, 1024) / _flops(standard, 256)
   assert quadratic_ratio > 13, quadratic_ratio  # 16 for the N² attention, 4 for projections.
 

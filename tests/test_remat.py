@@ -38,7 +38,7 @@ def loss_fn(model, x):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_policies_change_no_logits_or_gradients(name):
-  """ViT under every policy, the other models (which share `vit.remat`) under "full"."""
+  """ViT under every policy, the other models (which share `layers.remat`) under "full"."""
   module, x = models.get(name), inputs(name)
   plain = module.Model(**CASES[name])
   params = plain.init(jax.random.key(0), x)["params"]

@@ -114,7 +114,9 @@ def patchify(image: np.ndarray, patch_size: int, grid: tuple[int, int] | None = 
   """Image [H, W, 3] -> (patches [h·w, p·p·3] row-major, positions [h·w, 2] as (y, x)).
 
   The image is first resized to `grid` patches (default: the nearest whole number of
-  patches per side, at least one), so every pixel lands in a patch.
+  patches per side, at least one), so every pixel lands in a patch. Host-side numpy for
+  the input pipeline; each patch's pixels are laid out as `models.layers.patchify`'s (the
+  model side's, on jax arrays, with no resize): row-major, channels last.
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3:

@@ -12,7 +12,9 @@ import pkgutil
 from types import ModuleType
 from typing import Any, Mapping
 
-KNOWN = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+SHARED = ("layers",)  # Pieces several models use (`layers.py`), not a model.
+KNOWN = sorted(m.name for m in pkgutil.iter_modules(__path__)
+               if not m.name.startswith("_") and m.name not in SHARED)
 
 
 def get(name: str) -> ModuleType:

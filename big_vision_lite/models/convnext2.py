@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_vision_lite.models import vit
+from big_vision_lite.models import layers
 
 # variant: (depths, dims) as in the paper; "small" (not in the V2 paper) as timm's.
 VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -44,7 +44,6 @@ VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
 DWCONV_IMPLS = ("auto", "conv", "shifted")
-LAYERNORM_EPS = 1e-6  # As timm and the official code.
 GRN_EPS = 1e-6
 KERNEL_INIT = nn.initializers.truncated_normal(0.02)
 HEAD_PARAMS = ("head_norm", "head")
@@ -159,7 +158,7 @@ class Block(nn.Module):
     width = x.shape[-1]
     y = DepthwiseConv(impl=self.dwconv_impl, name="dwconv")(x)  # [B, H, W, C]
     y = apply_mask(y, mask)
-    y = nn.LayerNorm(epsilon=LAYERNORM_EPS, name="norm")(y)
+    y = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name="norm")(y)
     y = nn.Dense(4 * width, kernel_init=KERNEL_INIT, name="pwconv1")(y)  # [B, H, W, 4C]
     y = nn.gelu(y, approximate=False)
     if self.grn:
@@ -167,7 +166,7 @@ class Block(nn.Module):
     self.sow("intermediates", "mlp_hidden", y)
     y = nn.Dense(width, kernel_init=KERNEL_INIT, name="pwconv2")(y)  # [B, H, W, C]
     if train and self.drop_path > 0:
-      y = vit.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+      y = layers.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
     return apply_mask(x + y, mask)
 
 
@@ -183,8 +182,8 @@ class Model(nn.Module):
   dwconv_impl: str = "auto"  # See `depthwise_conv`.
 
   def __post_init__(self):
-    vit.check_choice("variant", self.variant, tuple(VARIANTS))
-    vit.check_choice("dwconv_impl", self.dwconv_impl, DWCONV_IMPLS)
+    layers.check_choice("variant", self.variant, tuple(VARIANTS))
+    layers.check_choice("dwconv_impl", self.dwconv_impl, DWCONV_IMPLS)
     for field in ("depths", "dims"):
       value = getattr(self, field)
       if value is not None and (len(value) != 4 or not all(
@@ -226,13 +225,13 @@ class Model(nn.Module):
     aux: dict[str, Any] = {}
     x = nn.Conv(dims[0], (4, 4), strides=4, padding="VALID", kernel_init=KERNEL_INIT,
                 name="stem_conv")(images)  # [B, H/4, W/4, D0]
-    x = nn.LayerNorm(epsilon=LAYERNORM_EPS, name="stem_norm")(x)
+    x = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name="stem_norm")(x)
     x_mask = masks_at(x)
     x = aux["stem"] = apply_mask(x, x_mask)
     rates = [self.drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
     for stage, (depth, width) in enumerate(zip(depths, dims)):
       if stage > 0:
-        x = nn.LayerNorm(epsilon=LAYERNORM_EPS, name=f"downsample{stage}_norm")(x)
+        x = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name=f"downsample{stage}_norm")(x)
         x = nn.Conv(width, (2, 2), strides=2, padding="VALID", kernel_init=KERNEL_INIT,
                     name=f"downsample{stage}_conv")(x)  # [B, H', W', width]
         x_mask = masks_at(x)
@@ -246,7 +245,7 @@ class Model(nn.Module):
     else:
       visible = x_mask.astype(x.dtype).sum(axis=(1, 2))  # [B, 1]
       x = x.sum(axis=(1, 2)) / jnp.maximum(visible, 1.0)  # [B, D]
-    x = nn.LayerNorm(epsilon=LAYERNORM_EPS, name="head_norm")(x)
+    x = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name="head_norm")(x)
     aux["pre_logits"] = x
     if self.num_classes:
       init = nn.initializers.zeros if self.head_zeroinit else KERNEL_INIT

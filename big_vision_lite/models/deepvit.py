@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_lite.models import layers
 from big_vision_lite.models import vit
 
 REATTENTION_NORMS = ("layernorm", "none")
@@ -27,7 +28,7 @@ POOL_TYPES = ("tok", "gap")
 
 class ReAttention(nn.Module):
   """Multi-head self-attention with head-mixed, head-normalised maps (parameter names as
-  `vit.MultiHeadAttention`, plus `reattention_weights` [H, H] and `reattention_norm`)."""
+  `layers.MultiHeadAttention`, plus `reattention_weights` [H, H] and `reattention_norm`)."""
   num_heads: int
   norm: str = "layernorm"
   init_noise: float = 0.02
@@ -49,7 +50,7 @@ class ReAttention(nn.Module):
     theta = self.param("reattention_weights", near_identity, (heads, heads), jnp.float32)
     mixed = jnp.einsum("hg,bhqk->bgqk", theta, attention)  # Θᵀ A over heads
     if self.norm == "layernorm":
-      mixed = nn.LayerNorm(epsilon=1e-6, name="reattention_norm")(
+      mixed = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name="reattention_norm")(
           mixed.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # LN over the head axis
     out = jnp.einsum("bhqk,bkhd->bqhd", mixed.astype(v.dtype), v)  # [B, N, H, Dh]
     out = nn.DenseGeneral(width, axis=(-2, -1), name="out",
@@ -68,13 +69,14 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     def residual(x, y):
       if train and self.drop_path > 0:
-        y = vit.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+        y = layers.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
       return x + y
 
     y, maps = ReAttention(self.num_heads, self.norm, name="ReAttention_0")(
-        nn.LayerNorm(epsilon=1e-6)(x))
+        nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS)(x))
     x = residual(x, y)
-    x = residual(x, vit.MlpBlock(self.mlp_dim)(nn.LayerNorm(epsilon=1e-6)(x), train))
+    y = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS)(x)
+    x = residual(x, layers.MlpBlock(self.mlp_dim)(y, train))
     return x, maps
 
 
@@ -95,10 +97,10 @@ class Model(nn.Module):
   remat_policy: str = "none"
 
   def __post_init__(self):
-    vit.check_choice("posemb", self.posemb, vit.POSEMB_TYPES)
-    vit.check_choice("pool_type", self.pool_type, POOL_TYPES)
-    vit.check_choice("reattention_norm", self.reattention_norm, REATTENTION_NORMS)
-    vit.check_choice("remat_policy", self.remat_policy, vit.REMAT_POLICIES)
+    layers.check_choice("posemb", self.posemb, vit.POSEMB_TYPES)
+    layers.check_choice("pool_type", self.pool_type, POOL_TYPES)
+    layers.check_choice("reattention_norm", self.reattention_norm, REATTENTION_NORMS)
+    layers.check_choice("remat_policy", self.remat_policy, layers.REMAT_POLICIES)
     vit.check_encoder_fields(self.hparams(), 0.0, self.drop_path)
     super().__post_init__()
 
@@ -123,7 +125,7 @@ class Model(nn.Module):
                              self.pool_type == "tok")  # [B, (1+)N, D]
     aux: dict[str, Any] = {}
     maps = []
-    block = vit.remat(Block, self.remat_policy, static_argnums=(2,))
+    block = layers.remat(Block, self.remat_policy, static_argnums=(2,))
     for i in range(hp["depth"]):
       rate = self.drop_path * i / max(hp["depth"] - 1, 1)
       x, layer_maps = block(hp["mlp_dim"], hp["num_heads"], self.reattention_norm, rate,
@@ -131,7 +133,7 @@ class Model(nn.Module):
       maps.append(layer_maps)
     if return_attention:
       aux["attention"] = maps
-    x = nn.LayerNorm(epsilon=1e-6, name="encoder_norm")(x)
+    x = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name="encoder_norm")(x)
     x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)  # [B, D]
     aux["pre_logits"] = x
     if self.num_classes:

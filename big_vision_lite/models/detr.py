@@ -41,15 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite import models
+from big_vision_lite.models import layers
 from big_vision_lite.models import resnet
-from big_vision_lite.models import vit
 
 # Backbone kwargs when `backbone_kwargs` is None: DETR's ResNet-50 with frozen BatchNorm.
 DEFAULT_BACKBONE_KWARGS: dict[str, dict[str, Any]] = {"resnet": dict(depth=50, frozen_bn=True)}
 # init_from also takes a run or import (tools/import_timm.py) of a backbone: `load_backbone`.
 LOADS_FROM = ("resnet", "convnext2", "internimage")
 XAVIER = nn.initializers.xavier_uniform()  # DETR's transformer initialisation.
-LAYERNORM_EPS = 1e-5  # torch's LayerNorm default.
 STAGE_KEY = re.compile(r"^stage(\d+)$")
 
 
@@ -116,9 +115,9 @@ class EncoderLayer(nn.Module):
     drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
     q = src + pos
     y = attention("self_attn", self.num_heads, self.dropout, train)(q, q, src, mask=key_mask)
-    src = nn.LayerNorm(epsilon=LAYERNORM_EPS, name="norm1")(src + drop(y))
+    src = nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, name="norm1")(src + drop(y))
     y = feed_forward(src, self.mlp_dim, self.dropout, train)
-    return nn.LayerNorm(epsilon=LAYERNORM_EPS, name="norm2")(src + drop(y))
+    return nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, name="norm2")(src + drop(y))
 
 
 class DecoderLayer(nn.Module):
@@ -135,12 +134,12 @@ class DecoderLayer(nn.Module):
     drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
     q = tgt + query_pos
     y = attention("self_attn", self.num_heads, self.dropout, train)(q, q, tgt)
-    tgt = nn.LayerNorm(epsilon=LAYERNORM_EPS, name="norm1")(tgt + drop(y))
+    tgt = nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, name="norm1")(tgt + drop(y))
     y = attention("multihead_attn", self.num_heads, self.dropout, train)(
         tgt + query_pos, memory + pos, memory, mask=memory_mask)
-    tgt = nn.LayerNorm(epsilon=LAYERNORM_EPS, name="norm2")(tgt + drop(y))
+    tgt = nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, name="norm2")(tgt + drop(y))
     y = feed_forward(tgt, self.mlp_dim, self.dropout, train)
-    return nn.LayerNorm(epsilon=LAYERNORM_EPS, name="norm3")(tgt + drop(y))
+    return nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, name="norm3")(tgt + drop(y))
 
 
 class BoxMLP(nn.Module):
@@ -185,7 +184,7 @@ class Model(nn.Module):
                        f"({self.num_heads}).")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"Model field 'dropout' must be in [0, 1), got {self.dropout!r}.")
-    vit.check_choice("backbone", self.backbone, [m for m in models.KNOWN if m != "detr"])
+    layers.check_choice("backbone", self.backbone, [m for m in models.KNOWN if m != "detr"])
     if self.backbone_kwargs is not None and not hasattr(self.backbone_kwargs, "keys"):
       raise ValueError(f"Model field 'backbone_kwargs' must be a mapping of the backbone's "
                        f"Model fields or None, got {self.backbone_kwargs!r}.")
@@ -245,7 +244,7 @@ class Model(nn.Module):
     query_pos = jnp.broadcast_to(query_embed.astype(src.dtype),
                                  (batch, self.num_queries, self.hidden))
     tgt = jnp.zeros_like(query_pos)
-    decoder_norm = nn.LayerNorm(epsilon=LAYERNORM_EPS, name="decoder_norm")
+    decoder_norm = nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, name="decoder_norm")
     hidden_states = []
     for i in range(self.dec_layers):
       tgt = DecoderLayer(self.num_heads, self.mlp_dim, self.dropout, name=f"decoder_layer{i}")(

@@ -1,6 +1,7 @@
 """EfficientViT (Liu et al. CVPR 2023): memory-efficient ViT with cascaded group attention.
 
-Layout as timm's `efficientvit_msra.py` (NHWC here), every conv followed by BatchNorm:
+Layout as timm's `efficientvit_msra.py` (NHWC here), every conv followed by BatchNorm
+(`layers.ConvBN`):
 
   stem: 4 x (3x3 conv stride 2 + BN), ReLU between them        [B, H/16, W/16, C0]
   stage 0: `depth[0]` sandwich blocks
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.models import vit
+from big_vision_lite.models import layers
 
 # variant: (embed_dim, depth, num_heads, kernels of the Q convs by head index)
 VARIANTS = {
@@ -37,20 +38,6 @@ VARIANTS = {
 }
 KEY_DIM = 16
 WINDOW_SIZE = 7
-BN_EPS = 1e-5  # torch's BatchNorm default, as timm uses.
-
-
-def batch_norm(train: bool, zero_scale: bool = False, name: str | None = None) -> nn.Module:
-  """The house BatchNorm; `zero_scale` starts a residual branch at zero (timm's
-  bn_weight_init=0)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
-                      scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
-                      name=name)
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-  """Rounds to the nearest multiple of `divisor` (at least `divisor`), as timm's SE widths."""
-  return max(divisor, int(value + divisor / 2) // divisor * divisor)
 
 
 def offset_index(window_h: int, window_w: int) -> np.ndarray:
@@ -61,32 +48,14 @@ def offset_index(window_h: int, window_w: int) -> np.ndarray:
   return np.abs(ys[:, None] - ys[None]) * window_w + np.abs(xs[:, None] - xs[None])
 
 
-class ConvBN(nn.Module):
-  """Conv without bias (`conv`, "same" padding k//2) -> BatchNorm (`bn`)."""
-  features: int
-  kernel_size: int = 1
-  strides: int = 1
-  depthwise: bool = False
-  zero_scale: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x [B, H, W, Cin] -> [B, H/stride, W/stride, features]."""
-    pad = self.kernel_size // 2
-    x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
-                padding=((pad, pad), (pad, pad)), use_bias=False,
-                feature_group_count=x.shape[-1] if self.depthwise else 1, name="conv")(x)
-    return batch_norm(train, self.zero_scale, name="bn")(x)
-
-
 class FFN(nn.Module):
   """1x1 ConvBN to `hidden` -> ReLU -> 1x1 ConvBN back (zero-initialised scale)."""
   hidden: int
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    y = nn.relu(ConvBN(self.hidden, name="pw1")(x, train))
-    return ConvBN(x.shape[-1], zero_scale=True, name="pw2")(y, train)
+    y = nn.relu(layers.ConvBN(self.hidden, name="pw1")(x, train))
+    return layers.ConvBN(x.shape[-1], zero_scale=True, name="pw2")(y, train)
 
 
 class SqueezeExcite(nn.Module):
@@ -109,10 +78,10 @@ class PatchMerging(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), features]."""
     hidden = 4 * x.shape[-1]
-    x = nn.relu(ConvBN(hidden, name="conv1")(x, train))
-    x = nn.relu(ConvBN(hidden, 3, strides=2, depthwise=True, name="conv2")(x, train))
-    x = SqueezeExcite(make_divisible(hidden * 0.25), name="se")(x)
-    return ConvBN(self.features, name="conv3")(x, train)
+    x = nn.relu(layers.ConvBN(hidden, name="conv1")(x, train))
+    x = nn.relu(layers.ConvBN(hidden, 3, strides=2, groups=hidden, name="conv2")(x, train))
+    x = SqueezeExcite(layers.make_divisible(hidden * 0.25, round_limit=0.0), name="se")(x)
+    return layers.ConvBN(self.features, name="conv3")(x, train)
 
 
 class CascadedGroupAttention(nn.Module):
@@ -140,16 +109,17 @@ class CascadedGroupAttention(nn.Module):
       feat = x[..., j * split:(j + 1) * split]  # [B, h, w, C/heads]
       if j and self.cascade:
         feat = feat + outputs[-1]
-      qkv = ConvBN(2 * self.key_dim + split, name=f"qkv_{j}")(feat, train)
+      qkv = layers.ConvBN(2 * self.key_dim + split, name=f"qkv_{j}")(feat, train)
       q, k, v = jnp.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
-      q = ConvBN(self.key_dim, self.kernels[j], depthwise=True, name=f"dw_{j}")(q, train)
+      q = layers.ConvBN(self.key_dim, self.kernels[j], groups=self.key_dim,
+                        name=f"dw_{j}")(q, train)
       logits = jnp.einsum("bnd,bmd->bnm", q.reshape(b, h * w, -1), k.reshape(b, h * w, -1))
       attention = jax.nn.softmax(logits * self.key_dim ** -0.5 + bias[j], axis=-1)  # [B, N, N]
       out = jnp.einsum("bnm,bmd->bnd", attention, v.reshape(b, h * w, split))
       outputs.append(out.reshape(b, h, w, split))
       self.sow("intermediates", f"head{j}", outputs[-1])
     y = nn.relu(jnp.concatenate(outputs, axis=-1))  # [B, h, w, C]
-    return ConvBN(c, zero_scale=True, name="proj")(y, train)
+    return layers.ConvBN(c, zero_scale=True, name="proj")(y, train)
 
 
 class LocalWindowAttention(nn.Module):
@@ -188,11 +158,11 @@ class SandwichBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [B, H, W, C] -> [B, H, W, C]."""
     c = x.shape[-1]
-    x = x + ConvBN(c, 3, depthwise=True, zero_scale=True, name="dw0")(x, train)
+    x = x + layers.ConvBN(c, 3, groups=c, zero_scale=True, name="dw0")(x, train)
     x = x + FFN(2 * c, name="ffn0")(x, train)
     x = x + LocalWindowAttention(self.num_heads, self.key_dim, self.kernels, self.window_size,
                                  name="mixer")(x, train)
-    x = x + ConvBN(c, 3, depthwise=True, zero_scale=True, name="dw1")(x, train)
+    x = x + layers.ConvBN(c, 3, groups=c, zero_scale=True, name="dw1")(x, train)
     return x + FFN(2 * c, name="ffn1")(x, train)
 
 
@@ -204,10 +174,10 @@ class Subsample(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [B, H, W, Cin] -> [B, ceil(H/2), ceil(W/2), features]."""
     c = x.shape[-1]
-    x = x + ConvBN(c, 3, depthwise=True, name="res1_dw")(x, train)
+    x = x + layers.ConvBN(c, 3, groups=c, name="res1_dw")(x, train)
     x = x + FFN(2 * c, name="res1_ffn")(x, train)
     x = PatchMerging(self.features, name="patch_merge")(x, train)
-    x = x + ConvBN(self.features, 3, depthwise=True, name="res2_dw")(x, train)
+    x = x + layers.ConvBN(self.features, 3, groups=self.features, name="res2_dw")(x, train)
     return x + FFN(2 * self.features, name="res2_ffn")(x, train)
 
 
@@ -224,7 +194,7 @@ class Stem(nn.Module):
                                   self.width)):
       if i:
         x = nn.relu(x)
-      x = ConvBN(features, 3, strides=2, name=f"conv{i + 1}")(x, train)
+      x = layers.ConvBN(features, 3, strides=2, name=f"conv{i + 1}")(x, train)
     return x
 
 
@@ -262,7 +232,7 @@ class Model(nn.Module):
   kernels: Sequence[int] | None = None  # Q conv kernel size of head j (all stages).
 
   def __post_init__(self):
-    vit.check_choice("variant", self.variant, tuple(VARIANTS))
+    layers.check_choice("variant", self.variant, tuple(VARIANTS))
     hp = self.hparams()
     stages = len(hp["embed_dim"])
     for field in ("embed_dim", "depth", "num_heads", "key_dim", "window_size", "kernels"):
@@ -306,7 +276,7 @@ class Model(nn.Module):
                ) -> tuple[jax.Array, dict[str, Any]]:
     """images [B, H, W, 3] -> (logits [B, C] (pre-logits [B, D] if num_classes=0), aux with
     "stem" and "stage{i}" feature maps and "pre_logits")."""
-    vit.check_images(images, "EfficientViT")
+    layers.check_images(images, "EfficientViT")
     hp = self.hparams()
     aux: dict[str, Any] = {}
     x = aux["stem"] = Stem(hp["embed_dim"][0], name="stem")(images, train)
@@ -317,7 +287,8 @@ class Model(nn.Module):
     x = x.mean(axis=(1, 2))  # [B, D]
     aux["pre_logits"] = x
     if self.num_classes:
-      x = batch_norm(train, name="head_norm")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       epsilon=layers.TORCH_NORM_EPS, name="head_norm")(x)
       x = nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(0.02),
                    name="head")(x)  # [B, C]
     aux["logits"] = x

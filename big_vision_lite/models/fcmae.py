@@ -8,7 +8,7 @@ stride, so one mask cell is one position of its last feature map. The decoder pr
 those features to `decoder_dim` (`decoder_proj`), fills the masked positions with a
 learned `mask_token`, runs `decoder_depth` ConvNeXt V2 blocks (`decoder_block{i}`) and
 predicts each cell's PATCH x PATCH x C pixels (`decoder_pred`): pred [B, H/32, W/32,
-32·32·C], laid out as `patchify`.
+32·32·C], laid out as `layers.patchify`.
 
 The FCMAE task (`tasks/fcmae.py`) draws the mask (`random_mask`) and takes the MSE on the
 masked cells of per-patch normalised pixels (`patch_targets`, `masked_mse`). The encoder's
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from big_vision_lite.models import convnext2
+from big_vision_lite.models import layers
 
 PATCH = 32  # Stem 4 x three 2x downsamplings: one mask cell per last-stage position.
 
@@ -36,20 +37,6 @@ def random_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: f
   return (ranks < keep).astype(jnp.float32).reshape(batch, *grid, 1)
 
 
-def patchify(images: jax.Array, patch: int = PATCH) -> jax.Array:
-  """images [B, H, W, C] -> [B, H/p, W/p, p·p·C] (row-major pixels, channels last)."""
-  b, h, w, c = images.shape
-  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // patch, w // patch, patch * patch * c)
-
-
-def unpatchify(patches: jax.Array, channels: int, patch: int = PATCH) -> jax.Array:
-  """The inverse of `patchify`: [B, h, w, p·p·C] -> [B, h·p, w·p, C]."""
-  b, h, w, _ = patches.shape
-  x = patches.reshape(b, h, w, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h * patch, w * patch, channels)
-
-
 def patch_stats(patches: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
   """Each patch's pixel mean and sqrt(variance + eps): patches [..., P] -> 2 x [..., 1]."""
   return patches.mean(-1, keepdims=True), jnp.sqrt(patches.var(-1, keepdims=True) + eps)
@@ -58,7 +45,7 @@ def patch_stats(patches: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.A
 def patch_targets(images: jax.Array, normalise: bool = True) -> jax.Array:
   """Reconstruction targets [B, h, w, p·p·C]; with `normalise`, each patch's pixels
   standardised by its `patch_stats`."""
-  target = patchify(images.astype(jnp.float32))
+  target = layers.patchify(images.astype(jnp.float32), PATCH)
   if not normalise:
     return target
   mean, std = patch_stats(target)
@@ -68,7 +55,7 @@ def patch_targets(images: jax.Array, normalise: bool = True) -> jax.Array:
 def pixel_mask(visible: jax.Array, channels: int, patch: int = PATCH) -> jax.Array:
   """Cell visibility [B, h, w, 1] -> pixel visibility [B, h·p, w·p, C]."""
   cells = jnp.broadcast_to(visible, visible.shape[:3] + (patch * patch * channels,))
-  return unpatchify(cells, channels, patch)
+  return layers.unpatchify(cells, channels, patch)
 
 
 def mask_grid(shape: tuple[int, ...]) -> tuple[int, int]:

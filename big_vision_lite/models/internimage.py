@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 import kernels
 from big_vision_lite.models import convnext2
-from big_vision_lite.models import vit
+from big_vision_lite.models import layers
 from kernels import dcnv3_core
 
 
@@ -62,8 +62,6 @@ VARIANTS: dict[str, Variant] = {
     "L": Variant(160, 5, 22, layer_scale=1e-5, post_norm=True, offset_scale=2.0),
     "XL": Variant(192, 5, 24, layer_scale=1e-5, post_norm=True, offset_scale=2.0),
 }
-LAYERNORM_EPS = 1e-6  # The official build_norm_layer's default.
-BN_EPS = 1e-5  # torch's BatchNorm2d default.
 KERNEL_INIT = nn.initializers.truncated_normal(0.02)  # Official init of the Linear layers.
 
 
@@ -85,7 +83,8 @@ def gelu(x: jax.Array) -> jax.Array:
 
 def layer_norm(name: str) -> nn.LayerNorm:
   # Two-pass variance: the post-norm stacks amplify the rounding of E[x²] - E[x]².
-  return nn.LayerNorm(epsilon=LAYERNORM_EPS, use_fast_variance=False, name=name)
+  return nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS,  # The official build_norm_layer's.
+                      use_fast_variance=False, name=name)
 
 
 def conv3x3(features: int, name: str, use_bias: bool = True) -> nn.Conv:
@@ -160,7 +159,7 @@ class Block(nn.Module):
                            (channels,), jnp.float32)
         y = y * gamma.astype(y.dtype)
       if train and self.drop_path > 0:
-        y = vit.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+        y = layers.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
       x = x + y
     return x
 
@@ -181,8 +180,8 @@ class Model(nn.Module):
   dcnv3_impl: str = "auto"  # kernels.dcnv3's `impl`.
 
   def __post_init__(self):
-    vit.check_choice("variant", self.variant, tuple(VARIANTS))
-    vit.check_choice("dcnv3_impl", self.dcnv3_impl, dcnv3_core.IMPLS)
+    layers.check_choice("variant", self.variant, tuple(VARIANTS))
+    layers.check_choice("dcnv3_impl", self.dcnv3_impl, dcnv3_core.IMPLS)
     self.hparams()
     if not isinstance(self.num_classes, int) or self.num_classes < 0:
       raise ValueError(f"Model field 'num_classes' must be an int >= 0, got "
@@ -238,7 +237,7 @@ class Model(nn.Module):
     aux: "stem" and "stage0".."stage3" feature maps (before downsampling), "pre_logits"
     [B, cls_scale·C4] and "logits"; with num_classes 0 the output is the pre-logits.
     """
-    vit.check_images(images, "InternImage")
+    layers.check_images(images, "InternImage")
     hp = self.hparams()
     widths, depths = hp["widths"], hp["depths"]
     aux: dict[str, Any] = {}
@@ -261,7 +260,7 @@ class Model(nn.Module):
         x = layer_norm(f"level{level}_downsample_norm")(x)  # [B, H', W', C_{i+1}]
     head_width = int(widths[-1] * self.cls_scale)
     x = nn.Dense(head_width, use_bias=False, name="conv_head")(x)  # 1x1 conv [B, h, w, D]
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=layers.TORCH_NORM_EPS,
                      name="conv_head_bn")(x)
     x = aux["pre_logits"] = gelu(x).mean(axis=(1, 2))  # [B, D]
     if self.num_classes:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_lite.models import layers
 from big_vision_lite.models import vit
 
 POOL_TYPES = ("tok", "gap", "map")
@@ -93,7 +94,7 @@ class NewTask(nn.Module):
 
 
 class MemoryAttention(nn.Module):
-  """`vit.MultiHeadAttention`'s parameters (query/key/value/out) used twice: the original
+  """`layers.MultiHeadAttention`'s parameters (query/key/value/out) used twice: the original
   tokens attend among themselves exactly as in ViT; the new tasks' class tokens attend,
   under `mask`, to the original tokens' keys/values (computed once) and their own."""
   num_heads: int
@@ -131,7 +132,7 @@ class MemoryBlock(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   gelu_approximate: bool = True
-  layernorm_eps: float = 1e-6
+  layernorm_eps: float = layers.FLAX_NORM_EPS
   dtype_mm: str = "float32"
 
   @nn.compact
@@ -142,13 +143,13 @@ class MemoryBlock(nn.Module):
     tasks in order) or None; mask [T, N + Σm + T] -> (x [B, N, D], task_cls [B, T, D])."""
     norm_attention = nn.LayerNorm(epsilon=self.layernorm_eps, name="LayerNorm_0")
     norm_mlp = nn.LayerNorm(epsilon=self.layernorm_eps, name="LayerNorm_1")
-    mlp = vit.MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype_mm,
+    mlp = layers.MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype_mm,
                        name="MlpBlock_0")
 
     def residual(x, y):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       if train and self.drop_path > 0:
-        y = vit.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+        y = layers.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
       return x + y
 
     extra = None
@@ -174,7 +175,7 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   gelu_approximate: bool = True
-  layernorm_eps: float = 1e-6
+  layernorm_eps: float = layers.FLAX_NORM_EPS
   dtype_mm: str = "float32"
   final_norm: bool = True
   remat_policy: str = "none"
@@ -186,7 +187,7 @@ class Encoder(nn.Module):
     """x [B, N, D], task_cls [B, T, D], memory[i] [B, Σm, D] per layer ->
     (x [B, N, D], task_cls [B, T, D], aux with "block{i:02d}")."""
     aux: dict[str, Any] = {}
-    block = vit.remat(MemoryBlock, self.remat_policy, static_argnums=(5,))
+    block = layers.remat(MemoryBlock, self.remat_policy, static_argnums=(5,))
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x, task_cls = block(
@@ -210,7 +211,7 @@ class Model(vit.Model):
   train_task: int = -1
 
   def __post_init__(self):
-    vit.check_choice("pool_type", self.pool_type, POOL_TYPES)
+    layers.check_choice("pool_type", self.pool_type, POOL_TYPES)
     if (isinstance(self.task_classes, (str, bytes))
         or not all(_is_count(c) and c > 0 for c in self.task_classes)):
       raise ValueError(f"Model field 'task_classes' must be a sequence of ints > 0 (classes "
@@ -242,7 +243,7 @@ class Model(vit.Model):
     """images [B, H, W, 3] -> (logits [B, C] of `train_task`, aux with "task_logits")."""
     hp = self.hparams()
     patch, width = hp["patch_size"], hp["width"]
-    vit.check_images(images, "MemoryViT", patch)
+    layers.check_images(images, "MemoryViT", patch)
     aux: dict[str, Any] = {}
     x, aux["stem"] = vit.embed_patches(self, images, width, patch, self.posemb,
                                        self.pool_type == "tok", self.dtype_mm)  # [B, (1+)N, D]
@@ -271,7 +272,7 @@ class Model(vit.Model):
         remat_policy=self.remat_policy, name="Transformer")(x, task_cls, memory, mask, train)
     aux.update(encoder_aux)
     aux["encoded"] = x
-    x = vit.pool_tokens(x, self.pool_type, hp["mlp_dim"], hp["num_heads"],
+    x = layers.pool_tokens(x, self.pool_type, hp["mlp_dim"], hp["num_heads"],
                         self.gelu_approximate, self.layernorm_eps, self.dtype_mm)  # [B, D]
     if not pre_pool:
       fc_norm = nn.LayerNorm(epsilon=self.layernorm_eps, name="fc_norm")

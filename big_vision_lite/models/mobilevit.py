@@ -13,9 +13,10 @@ stride-2 3x3 stem and five stages (strides 1, 2, 2, 2, 2) of MobileNetV2 inverte
 then a 1x1 conv, global average pooling and the classifier. A feature map whose side is not
 a multiple of p is resized (bilinear) up to one for the transformer and back, as in timm.
 
-The pieces shared with MobileViT v2 (`mobilevit2.py`) live here: `ConvBN`,
-`InvertedResidual`, `unfold_patches` / `fold_patches`, `resize_bilinear`, `make_divisible`,
-`resolve_architecture` and `classifier_head`.
+The pieces shared with MobileViT v2 (`mobilevit2.py`) live here: `conv_bn`,
+`InvertedResidual`, `unfold_patches` / `fold_patches`, `resize_bilinear`,
+`resolve_architecture` and `classifier_head`; `layers` holds the conv, BatchNorm and
+`make_divisible` both share with other models.
 """
 import math
 from typing import Any, Mapping, Sequence
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.models import vit
+from big_vision_lite.models import layers
 
 # The paper's Table 4 / timm's byobnet configs. Stage widths are each stage's output
 # channels; MobileViT blocks sit in stages 3-5 with the given transformer widths and depths.
@@ -43,20 +44,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 STRIDES = (1, 2, 2, 2, 2)  # Per stage; MobileViT blocks in the last len(transformer_widths).
 ARCHITECTURE_FIELDS = ("stem_width", "widths", "mv2_depths", "expansion",
                        "transformer_widths", "transformer_depths", "final_width")
-BN_EPS = 1e-5  # timm's BatchNorm2d / LayerNorm / GroupNorm default.
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-  """Rounds a channel count to a multiple of `divisor`, losing at most 10% (timm's rule)."""
-  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-  return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 def resolve_architecture(variants: Mapping[str, Mapping[str, Any]], variant: str | None,
                          overrides: Mapping[str, Any]) -> dict[str, Any]:
   """The variant's architecture fields with every non-None override applied; checked."""
   if variant is not None:
-    vit.check_choice("variant", variant, list(variants))
+    layers.check_choice("variant", variant, list(variants))
   hp = dict(variants[variant]) if variant is not None else {}
   hp.update({k: v for k, v in overrides.items() if v is not None})
   missing = [f for f in ARCHITECTURE_FIELDS if f not in hp]
@@ -147,52 +141,10 @@ def padded_grid(height: int, width: int, patch: int) -> tuple[int, int]:
   return math.ceil(height / patch), math.ceil(width / patch)
 
 
-class Conv(nn.Module):
-  """Bias-free 2-D conv with PyTorch-style symmetric padding and nn.Conv's kernel
-  [k, k, Cin / groups, features]. 1x1 and depth-wise convs run as a matmul and as k² shifted
-  products, which XLA computes and differentiates far faster on CPU than a convolution."""
-  features: int
-  kernel_size: int = 1
-  strides: int = 1
-  groups: int = 1
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [B, H, W, Cin] -> [B, H / strides, W / strides, features]."""
-    k, stride, channels = self.kernel_size, self.strides, x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (k, k, channels // self.groups, self.features), jnp.float32)
-    kernel = kernel.astype(x.dtype)
-    pad = (k - 1) // 2
-    if k == 1 and self.groups == 1:
-      return x[:, ::stride, ::stride] @ kernel[0, 0]  # [B, H', W', features]
-    if self.groups == channels == self.features:  # Depth-wise.
-      padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-      out_h = (x.shape[1] + 2 * pad - k) // stride + 1
-      out_w = (x.shape[2] + 2 * pad - k) // stride + 1
-      return sum(padded[:, i:i + stride * (out_h - 1) + 1:stride,
-                        j:j + stride * (out_w - 1) + 1:stride] * kernel[i, j, 0]
-                 for i in range(k) for j in range(k))  # [B, H', W', C]
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
-
-
-class ConvBN(nn.Module):
-  """`Conv` -> BatchNorm -> optional SiLU."""
-  features: int
-  kernel_size: int = 1
-  strides: int = 1
-  groups: int = 1
-  act: bool = True
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x [B, H, W, Cin] -> [B, H / strides, W / strides, features]."""
-    x = Conv(self.features, self.kernel_size, self.strides, self.groups, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
-                     name="bn")(x)
-    return nn.silu(x) if self.act else x
+def conv_bn(features: int, kernel_size: int = 1, strides: int = 1, groups: int = 1, *,
+            name: str) -> layers.ConvBN:
+  """`layers.ConvBN` on the CPU-fast "shifted" convs (call from a compact method)."""
+  return layers.ConvBN(features, kernel_size, strides, groups, conv_impl="shifted", name=name)
 
 
 class InvertedResidual(nn.Module):
@@ -206,14 +158,14 @@ class InvertedResidual(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [B, H, W, Cin] -> [B, H / strides, W / strides, features]."""
-    hidden = make_divisible(x.shape[-1] * self.expansion)
-    y = ConvBN(hidden, name="expand")(x, train)  # [B, H, W, hidden]
-    y = ConvBN(hidden, 3, self.strides, groups=hidden, name="depthwise")(y, train)
-    y = ConvBN(self.features, act=False, name="project")(y, train)  # [B, H', W', features]
+    hidden = layers.make_divisible(x.shape[-1] * self.expansion)
+    y = nn.silu(conv_bn(hidden, name="expand")(x, train))  # [B, H, W, hidden]
+    y = nn.silu(conv_bn(hidden, 3, self.strides, groups=hidden, name="depthwise")(y, train))
+    y = conv_bn(self.features, name="project")(y, train)  # [B, H', W', features]
     if self.strides != 1 or x.shape[-1] != self.features:
       return y
     if train and self.drop_path > 0:
-      y = vit.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+      y = layers.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
     return x + y
 
 
@@ -232,7 +184,7 @@ def residual(module: nn.Module, x: jax.Array, y: jax.Array, drop_path: float,
              train: bool) -> jax.Array:
   """x + y, with drop-path on y in training."""
   if train and drop_path > 0:
-    y = vit.stochastic_depth(y, drop_path, module.make_rng("dropout"))
+    y = layers.stochastic_depth(y, drop_path, module.make_rng("dropout"))
   return x + y
 
 
@@ -245,10 +197,10 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [B, N, D] -> [B, N, D]."""
-    y = nn.LayerNorm(epsilon=BN_EPS, use_fast_variance=False, name="norm1")(x)
-    y, _ = vit.MultiHeadAttention(self.num_heads, name="attention")(y)
+    y = nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, use_fast_variance=False, name="norm1")(x)
+    y, _ = layers.MultiHeadAttention(self.num_heads, name="attention")(y)
     x = residual(self, x, y, self.drop_path, train)
-    y = nn.LayerNorm(epsilon=BN_EPS, use_fast_variance=False, name="norm2")(x)
+    y = nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, use_fast_variance=False, name="norm2")(x)
     return residual(self, x, Mlp(self.mlp_dim, name="mlp")(y), self.drop_path, train)
 
 
@@ -267,8 +219,8 @@ class MobileViTBlock(nn.Module):
     """x [B, H, W, C] -> [B, H, W, C]."""
     b, h, w, c = x.shape
     p, width = self.patch_size, self.transformer_width
-    y = ConvBN(c, 3, name="local_conv")(x, train)
-    y = Conv(width, name="local_proj")(y)  # [B, H, W, D]
+    y = nn.silu(conv_bn(c, 3, name="local_conv")(x, train))
+    y = layers.Conv(width, impl="shifted", name="local_proj")(y)  # [B, H, W, D]
     grid = padded_grid(h, w, p)
     resized = bool(h % p or w % p)
     if resized:
@@ -278,13 +230,13 @@ class MobileViTBlock(nn.Module):
     for i in range(self.depth):
       tokens = TransformerBlock(self.num_heads, int(width * self.mlp_ratio), self.drop_path,
                                 name=f"transformer_{i}")(tokens, train)
-    tokens = nn.LayerNorm(epsilon=BN_EPS, use_fast_variance=False,
+    tokens = nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, use_fast_variance=False,
                           name="transformer_norm")(tokens)
     y = fold_patches(tokens.reshape(b, p * p, -1, width), p, grid)  # [B, H', W', D]
     if resized:
       y = resize_bilinear(y, (h, w), align_corners=False)  # [B, H, W, D]
-    y = ConvBN(c, name="proj")(y, train)  # [B, H, W, C]
-    return ConvBN(c, 3, name="fusion")(jnp.concatenate([x, y], axis=-1), train)
+    y = nn.silu(conv_bn(c, name="proj")(y, train))  # [B, H, W, C]
+    return nn.silu(conv_bn(c, 3, name="fusion")(jnp.concatenate([x, y], axis=-1), train))
 
 
 def classifier_head(x: jax.Array, num_classes: int | None, dropout: float, zeroinit: bool,
@@ -340,10 +292,10 @@ class Model(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False
                ) -> tuple[jax.Array, dict[str, Any]]:
     """images [B, H, W, 3] -> (logits [B, num_classes] or features [B, C], aux)."""
-    vit.check_images(images, "MobileViT")
+    layers.check_images(images, "MobileViT")
     hp = self.hparams()
     aux: dict[str, Any] = {}
-    x = ConvBN(hp["stem_width"], 3, 2, name="stem")(images, train)  # [B, H/2, W/2, C]
+    x = nn.silu(conv_bn(hp["stem_width"], 3, 2, name="stem")(images, train))  # [B, H/2, W/2, C]
     first_vit = len(STRIDES) - len(hp["transformer_widths"])
     for i, (width, depth, stride) in enumerate(zip(hp["widths"], hp["mv2_depths"], STRIDES)):
       rate = self.drop_path * i / (len(STRIDES) - 1)
@@ -357,6 +309,6 @@ class Model(nn.Module):
                            name=f"stage{i}_mobilevit")(x, train)
       aux[f"stage{i}"] = x  # [B, H/s, W/s, width], s = 2, 4, 8, 16, 32 for i = 0..4
     if hp["final_width"]:
-      x = ConvBN(hp["final_width"], name="final_conv")(x, train)  # [B, h, w, final_width]
+      x = nn.silu(conv_bn(hp["final_width"], name="final_conv")(x, train))  # [B, h, w, C_final]
     x = classifier_head(x, self.num_classes, self.dropout, self.head_zeroinit, train, aux)
     return x, aux

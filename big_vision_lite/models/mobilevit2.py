@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from big_vision_lite.models import layers
 from big_vision_lite.models import mobilevit
-from big_vision_lite.models import vit
 
 VARIANTS = {"050": 0.5, "075": 0.75, "100": 1.0, "125": 1.25, "150": 1.5, "175": 1.75,
             "200": 2.0}
@@ -36,10 +36,10 @@ BASE_STEM = 32
 def architecture(multiplier: float) -> dict[str, Any]:
   """The architecture fields of `mobilevit.Model`-style models at a width multiplier."""
   scale = lambda c: int(c * multiplier) if multiplier != 1.0 else c
-  widths = tuple(mobilevit.make_divisible(scale(c)) for c in BASE_WIDTHS)
+  widths = tuple(layers.make_divisible(scale(c)) for c in BASE_WIDTHS)
   return dict(stem_width=int(BASE_STEM * multiplier), widths=widths,
               mv2_depths=(1, 2, 1, 1, 1), expansion=2.0,
-              transformer_widths=tuple(mobilevit.make_divisible(c / 2) for c in widths[2:]),
+              transformer_widths=tuple(layers.make_divisible(c / 2) for c in widths[2:]),
               transformer_depths=(2, 4, 3), final_width=0)
 
 
@@ -65,7 +65,7 @@ class LinearTransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [B, P, N, D] -> [B, P, N, D]."""
-    norm = lambda name: nn.GroupNorm(num_groups=1, epsilon=mobilevit.BN_EPS,
+    norm = lambda name: nn.GroupNorm(num_groups=1, epsilon=layers.TORCH_NORM_EPS,
                                      use_fast_variance=False, name=name)
     y = SeparableSelfAttention(name="attention")(norm("norm1")(x))
     x = mobilevit.residual(self, x, y, self.drop_path, train)
@@ -92,16 +92,16 @@ class MobileViTv2Block(nn.Module):
     grid = mobilevit.padded_grid(h, w, p)
     if h % p or w % p:
       x = mobilevit.resize_bilinear(x, (grid[0] * p, grid[1] * p), align_corners=True)
-    y = mobilevit.ConvBN(c, 3, groups=c, name="local_conv")(x, train)
-    y = mobilevit.Conv(width, name="local_proj")(y)  # [B, H', W', D]
+    y = nn.silu(mobilevit.conv_bn(c, 3, groups=c, name="local_conv")(x, train))
+    y = layers.Conv(width, impl="shifted", name="local_proj")(y)  # [B, H', W', D]
     tokens = mobilevit.unfold_patches(y, p)  # [B, P, N, D]
     for i in range(self.depth):
       tokens = LinearTransformerBlock(int(width * self.mlp_ratio), self.drop_path,
                                       name=f"transformer_{i}")(tokens, train)
-    tokens = nn.GroupNorm(num_groups=1, epsilon=mobilevit.BN_EPS, use_fast_variance=False,
+    tokens = nn.GroupNorm(num_groups=1, epsilon=layers.TORCH_NORM_EPS, use_fast_variance=False,
                           name="transformer_norm")(tokens)
     y = mobilevit.fold_patches(tokens, p, grid)  # [B, H', W', D]
-    return mobilevit.ConvBN(c, act=False, name="proj")(y, train)  # [B, H', W', C]
+    return mobilevit.conv_bn(c, name="proj")(y, train)  # [B, H', W', C]
 
 
 class Model(nn.Module):
@@ -131,7 +131,7 @@ class Model(nn.Module):
   def multiplier(self) -> float:
     """The width multiplier from `variant` or `width_multiplier` (1.0 when neither)."""
     if self.variant is not None:
-      vit.check_choice("variant", self.variant, list(VARIANTS))
+      layers.check_choice("variant", self.variant, list(VARIANTS))
       if self.width_multiplier not in (None, VARIANTS[self.variant]):
         raise ValueError(f"Model fields 'variant' ({self.variant!r}) and 'width_multiplier' "
                          f"({self.width_multiplier!r}) disagree; give one of them.")
@@ -155,10 +155,10 @@ class Model(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False
                ) -> tuple[jax.Array, dict[str, Any]]:
     """images [B, H, W, 3] -> (logits [B, num_classes] or features [B, C], aux)."""
-    vit.check_images(images, "MobileViT v2")
+    layers.check_images(images, "MobileViT v2")
     hp = self.hparams()
     aux: dict[str, Any] = {}
-    x = mobilevit.ConvBN(hp["stem_width"], 3, 2, name="stem")(images, train)
+    x = nn.silu(mobilevit.conv_bn(hp["stem_width"], 3, 2, name="stem")(images, train))
     strides = mobilevit.STRIDES
     first_vit = len(strides) - len(hp["transformer_widths"])
     for i, (width, depth, stride) in enumerate(zip(hp["widths"], hp["mv2_depths"], strides)):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_lite.models import layers
 from big_vision_lite.models import vit
 from kernels import packed_attention
 
@@ -34,21 +35,13 @@ POSEMB_COMBINE = ("sum", "concat")
 POOL_TYPES = ("map", "gap")
 
 
-def patchify(images: jax.Array, patch: int) -> jax.Array:
-  """images [B, H, W, 3] -> patches [B, h·w, p·p·3], row-major, like `packing.patchify`."""
-  b, height, width, c = images.shape
-  h, w = height // patch, width // patch
-  x = images[:, :h * patch, :w * patch].reshape(b, h, patch, w, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, patch * patch * c)
-
-
 def image_inputs(images: jax.Array, patch: int) -> dict[str, jax.Array]:
   """One image per row: the packed inputs (patches, segment_ids, positions, image_sizes)."""
   b, height, width, _ = images.shape
   h, w = height // patch, width // patch
   ys, xs = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
   positions = jnp.stack([ys.ravel(), xs.ravel()], -1)  # [h·w, 2]
-  return {"patches": patchify(images, patch),
+  return {"patches": layers.patchify(images, patch).reshape(b, h * w, -1),  # [B, h·w, p·p·3]
           "segment_ids": jnp.ones((b, h * w), jnp.int32),
           "positions": jnp.broadcast_to(positions, (b, h * w, 2)).astype(jnp.int32),
           "image_sizes": jnp.broadcast_to(jnp.asarray([[h, w]], jnp.int32), (b, 1, 2))}
@@ -115,7 +108,7 @@ class Model(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   gelu_approximate: bool = True
-  layernorm_eps: float = 1e-6
+  layernorm_eps: float = layers.FLAX_NORM_EPS
   dtype_mm: str = "float32"
   attention_impl: str = "auto"
   remat_policy: str = "none"
@@ -124,11 +117,11 @@ class Model(nn.Module):
   def __post_init__(self):
     for field, accepted in (("posemb", POSEMB_TYPES), ("posemb_coords", POSEMB_COORDS),
                             ("posemb_combine", POSEMB_COMBINE), ("pool_type", POOL_TYPES),
-                            ("dtype_mm", vit.DTYPES_MM),
+                            ("dtype_mm", layers.DTYPES_MM),
                             ("attention_impl", packed_attention.IMPLS),
-                            ("remat_policy", vit.REMAT_POLICIES),
+                            ("remat_policy", layers.REMAT_POLICIES),
                             ("scan_layers", (False, True))):
-      vit.check_choice(field, getattr(self, field), accepted)
+      layers.check_choice(field, getattr(self, field), accepted)
     hp = self.hparams()
     vit.check_encoder_fields(hp, self.dropout, self.drop_path)
     if hp["width"] % (4 if self.posemb_combine == "concat" else 2):
@@ -194,7 +187,7 @@ class Model(nn.Module):
 
     members = segment_ids[:, None, :] == jnp.arange(1, num_slots + 1)[None, :, None]  # [B, S, L]
     if self.pool_type == "map":
-      x = vit.MAPHead(hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
+      x = layers.MAPHead(hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
                       self.layernorm_eps, self.dtype_mm)(x, members[:, None], num_slots)
     else:
       counts = jnp.maximum(members.sum(-1, keepdims=True), 1).astype(x.dtype)  # [B, S, 1]

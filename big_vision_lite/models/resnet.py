@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_vision_lite.models import vit
+from big_vision_lite.models import layers
 
 # depth -> (bottleneck blocks?, blocks per stage), as torchvision.
 DEPTHS: dict[int, tuple[bool, tuple[int, int, int, int]]] = {
@@ -35,7 +35,6 @@ DEPTHS: dict[int, tuple[bool, tuple[int, int, int, int]]] = {
     101: (True, (3, 4, 23, 3)),
     152: (True, (3, 8, 36, 3)),
 }
-BN_EPS = 1e-5  # torch's BatchNorm2d and DETR's FrozenBatchNorm2d.
 BOTTLENECK_EXPANSION = 4
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # timm's kaiming.
 
@@ -43,7 +42,7 @@ CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # timm's
 class FrozenBatchNorm(nn.Module):
   """BatchNorm with fixed statistics and affine, all in "batch_stats" (DETR's
   FrozenBatchNorm2d): y = (x - mean) * scale / sqrt(var + eps) + bias."""
-  eps: float = BN_EPS
+  eps: float = layers.TORCH_NORM_EPS  # As DETR's FrozenBatchNorm2d.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -61,7 +60,7 @@ def batch_norm(name: str, train: bool, frozen: bool, zero_init: bool = False) ->
   """A frozen or trainable BatchNorm called `name` (scale zero-initialised if `zero_init`)."""
   if frozen:
     return FrozenBatchNorm(name=name)
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=layers.TORCH_NORM_EPS,
                       scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
                       name=name)
 
@@ -111,7 +110,7 @@ class Model(nn.Module):
   head_zeroinit: bool = True
 
   def __post_init__(self):
-    vit.check_choice("depth", self.depth, tuple(DEPTHS))
+    layers.check_choice("depth", self.depth, tuple(DEPTHS))
     for field in ("width", "stem_width"):
       value = getattr(self, field)
       if (value is not None or field == "width") and (

@@ -8,7 +8,7 @@ Token embedding plus a learned position embedding, then the pre-LN encoder of `v
 (blocks `Transformer/encoderblock_{i}`, final LayerNorm `Transformer/encoder_norm`).
 Padding tokens are masked out of attention as keys; `causal=True` also hides later tokens
 (CLIP). Pooling: "last" the last non-padding token (CLIP's EOS), "first" the first token,
-"gap" the mean over non-padding tokens, "map" attention pooling (`vit.MAPHead`) over them.
+"gap" the mean over non-padding tokens, "map" attention pooling (`layers.MAPHead`) over them.
 So appending padding never changes the output. `variant` ("S", "B", ... of `vit.SIZES`)
 fills width, depth, mlp_dim and num_heads where they are left None.
 """
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_lite.models import layers
 from big_vision_lite.models import vit
 
 POOL_TYPES = ("last", "first", "gap", "map")
@@ -47,17 +48,17 @@ class Model(nn.Module):
   head_zeroinit: bool = False
   dropout: float = 0.0
   gelu_approximate: bool = True
-  layernorm_eps: float = 1e-6
+  layernorm_eps: float = layers.FLAX_NORM_EPS
   dtype_mm: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False
 
   def __post_init__(self):
-    vit.check_choice("pool_type", self.pool_type, POOL_TYPES)
-    vit.check_choice("dtype_mm", self.dtype_mm, vit.DTYPES_MM)
-    vit.check_choice("causal", self.causal, (False, True))
-    vit.check_choice("remat_policy", self.remat_policy, vit.REMAT_POLICIES)
-    vit.check_choice("scan_layers", self.scan_layers, (False, True))
+    layers.check_choice("pool_type", self.pool_type, POOL_TYPES)
+    layers.check_choice("dtype_mm", self.dtype_mm, layers.DTYPES_MM)
+    layers.check_choice("causal", self.causal, (False, True))
+    layers.check_choice("remat_policy", self.remat_policy, layers.REMAT_POLICIES)
+    layers.check_choice("scan_layers", self.scan_layers, (False, True))
     for field in ("vocab_size", "max_len"):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -127,7 +128,7 @@ class Model(nn.Module):
       weights = valid.astype(x.dtype)  # [B, L]
       x = jnp.einsum("bl,bld->bd", weights, x) / jnp.maximum(weights.sum(1, keepdims=True), 1)
     else:
-      x = vit.MAPHead(hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
+      x = layers.MAPHead(hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
                       self.layernorm_eps, self.dtype_mm)(x, mask=valid[:, None, None, :])
     aux["pre_logits"] = x  # [B, width]
     if self.num_classes:

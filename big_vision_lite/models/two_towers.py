@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from big_vision_lite import models
+from big_vision_lite.models import layers
 from big_vision_lite.models import text_transformer
-from big_vision_lite.models import vit
 
 # Registered models that are not image feature extractors [B, H, W, 3] -> [B, D].
 NOT_IMAGE_TOWERS = ("two_towers", "text_transformer", "detr", "dino", "fcmae")
@@ -84,7 +84,7 @@ class Model(nn.Module):
   dtype_mm: str | None = None  # Given to each tower with a dtype_mm field its dict leaves out.
 
   def __post_init__(self):
-    vit.check_choice("image_model", self.image_model, IMAGE_MODELS)
+    layers.check_choice("image_model", self.image_model, IMAGE_MODELS)
     for field in ("image", "text"):
       value = getattr(self, field)
       if value is not None and not hasattr(value, "keys"):
@@ -101,7 +101,7 @@ class Model(nn.Module):
       raise ValueError(f"Model field 'bias_init' must be a finite number (SigLIP -10.0) or "
                        f"None (CLIP: no bias), got {self.bias_init!r}.")
     if self.dtype_mm is not None:
-      vit.check_choice("dtype_mm", self.dtype_mm, vit.DTYPES_MM)
+      layers.check_choice("dtype_mm", self.dtype_mm, layers.DTYPES_MM)
     self.image_tower()
     self.text_tower()
     super().__post_init__()

@@ -1,11 +1,11 @@
 """Vision Transformer (Dosovitskiy et al. 2021), with parameter names as in big_vision.
 
 `Model(num_classes=10, variant="S/16").apply(variables, images)` -> (logits, aux), images
-NHWC float32. The encoder pieces (`MultiHeadAttention`, `MlpBlock`, `Encoder1DBlock`,
-`Encoder`, `MAPHead`) take an optional boolean attention mask, broadcastable to
-[B, heads, Nq, Nk], or (self-attention) `segment_ids` [B, N] that keep each token within
-its segment through a fused kernel (`kernels.packed_attention`), so packed (NaViT) and
-memory-token models reuse them.
+NHWC float32. The encoder pieces (`Encoder1DBlock`, `Encoder`, and `layers`'
+`MultiHeadAttention`, `MlpBlock`, `MAPHead`) take an optional boolean attention mask,
+broadcastable to [B, heads, Nq, Nk], or (self-attention) `segment_ids` [B, N] that keep
+each token within its segment through a fused kernel (`kernels.packed_attention`), so
+packed (NaViT) and memory-token models reuse them.
 """
 from typing import Any, Mapping, Sequence
 
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import packed_attention
+from big_vision_lite.models import layers
 
 # size: (width, depth, mlp_dim, num_heads)
 SIZES = {
@@ -26,62 +26,7 @@ PATCHES = (8, 14, 16, 32)
 POOL_TYPES = ("tok", "gap", "map", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
 FINAL_NORMS = ("pre_pool", "post_pool")
-DTYPES_MM = ("float32", "bfloat16", "float16")
 RESAMPLE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos3", "lanczos5")
-
-
-def check_choice(field: str, value: Any, accepted: Sequence[Any]) -> None:
-  if value not in accepted:
-    raise ValueError(f"Model field {field!r} must be one of {', '.join(map(str, accepted))}; "
-                     f"got {value!r}.")
-
-
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-# Logical axes of activations, sharded by config field 'activation_rules' (see sharding.py).
-RESIDUAL_AXES = ("batch", "length", "embed")  # [B, N, D]
-HEADS_AXES = ("batch", "length", "heads", None)  # [B, N, H, Dh]
-MLP_AXES = ("batch", "length", "mlp")  # [B, N, mlp_dim]
-
-
-def remat(block: type[nn.Module], remat_policy: str, static_argnums: tuple[int, ...]
-          ) -> type[nn.Module]:
-  """`block` (a Module class) recomputing its activations in the backward pass: "none"
-  stores them all (the class itself), "full" only the block's inputs, "dots" and
-  "dots_with_no_batch_dims" also the matmul outputs (`jax.checkpoint_policies`'
-  dots_saveable, dots_with_no_batch_dims_saveable). Parameter names do not change.
-  `static_argnums` (self = 0) are the block's Python-valued (e.g. bool) arguments."""
-  check_choice("remat_policy", remat_policy, REMAT_POLICIES)
-  if remat_policy == "none":
-    return block
-  policy = {"full": None, "dots": jax.checkpoint_policies.dots_saveable,
-            "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-            }[remat_policy]
-  return nn.remat(block, policy=policy, static_argnums=static_argnums)
-
-
-def check_images(images: jax.Array, what: str, patch: tuple[int, int] | None = None
-                 ) -> None:
-  """Raises a ValueError unless `images` are float NHWC [B, H, W, 3] (at least one patch)."""
-  if (images.ndim != 4 or images.shape[-1] != 3
-      or not jnp.issubdtype(images.dtype, jnp.floating)):
-    raise ValueError(f"{what} expects float NHWC images [B, H, W, 3], got {images.dtype} "
-                     f"{images.shape} (NCHW input must be transposed).")
-  if patch and (images.shape[1] < patch[0] or images.shape[2] < patch[1]):
-    raise ValueError(f"Images {images.shape[1:3]} are smaller than one patch {patch}.")
-
-
-def pool_tokens(x: jax.Array, pool_type: str, mlp_dim: int, num_heads: int,
-                gelu_approximate: bool, layernorm_eps: float, dtype_mm: str) -> jax.Array:
-  """Tokens [B, N, D] -> [B, D]: the first ("tok"), the mean ("gap"), a MAPHead_0 of the
-  calling module ("map"); "none" keeps [B, N, D]."""
-  if pool_type == "tok":
-    return x[:, 0]
-  if pool_type == "gap":
-    return x.mean(axis=1)
-  if pool_type == "map":
-    return MAPHead(mlp_dim, num_heads, gelu_approximate, layernorm_eps, dtype_mm,
-                   name="MAPHead_0")(x)
-  return x
 
 
 def check_encoder_fields(hp: Mapping[str, Any], dropout: float, drop_path: float) -> None:
@@ -194,84 +139,6 @@ def resample_posemb(posemb: jax.Array | np.ndarray, new_hw: tuple[int, int],
   return grid.reshape(1, new_hw[0] * new_hw[1], d)
 
 
-def stochastic_depth(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-  """Stochastic depth: zeroes whole examples with probability `rate`, rescales the rest."""
-  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-class MultiHeadAttention(nn.Module):
-  """Multi-head dot-product attention, with flax's parameter names (query/key/value/out).
-
-  Uses the fused `jax.nn.dot_product_attention` unless the softmax maps are requested.
-  """
-  num_heads: int
-  dtype_mm: str = "float32"
-  attention_impl: str = "auto"  # For segment_ids: see kernels.packed_attention.
-
-  @nn.compact
-  def __call__(self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None,
-               return_attention: bool = False, segment_ids: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array | None]:
-    """x [B, Nq, D], kv [B, Nk, D] (default x) -> ([B, Nq, D], [B, heads, Nq, Nk] or None).
-
-    `segment_ids` [B, N] (self-attention only, not with `mask`): a token attends only to
-    tokens with the same id.
-    """
-    if segment_ids is not None and (kv is not None or mask is not None):
-      raise ValueError("segment_ids is for self-attention without another mask.")
-    kv = x if kv is None else kv
-    width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
-    dense = lambda name: nn.DenseGeneral(
-        (self.num_heads, width // self.num_heads), dtype=self.dtype_mm, name=name,
-        kernel_init=nn.initializers.xavier_uniform())
-    q = nn.with_logical_constraint(dense("query")(x), HEADS_AXES)  # [B, Nq, H, Dh]
-    k = nn.with_logical_constraint(dense("key")(kv), HEADS_AXES)  # [B, Nk, H, Dh]
-    v = nn.with_logical_constraint(dense("value")(kv), HEADS_AXES)  # [B, Nk, H, Dh]
-    if segment_ids is not None and return_attention:
-      mask = packed_attention.segment_mask(segment_ids)
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
-    weights = None
-    if segment_ids is not None and not return_attention:
-      out = packed_attention.segment_attention(q, k, v, segment_ids, impl=self.attention_impl)
-    elif return_attention:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, Nq, Nk]
-      logits = logits / np.sqrt(q.shape[-1])
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      weights = jax.nn.softmax(logits, axis=-1)  # [B, H, Nq, Nk]
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)  # [B, Nq, H, Dh]
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, Nq, H, Dh]
-    out = nn.with_logical_constraint(out, HEADS_AXES)
-    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype_mm, name="out",
-                          kernel_init=nn.initializers.xavier_uniform())(out)  # [B, Nq, D]
-    return out, weights
-
-
-class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU -> dropout -> Dense(D)."""
-  mlp_dim: int
-  dropout: float = 0.0
-  gelu_approximate: bool = True
-  dtype_mm: str = "float32"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    init = dict(kernel_init=nn.initializers.xavier_uniform(),
-                bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype_mm)
-    width = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, **init)(x)  # [..., mlp_dim]
-    if x.ndim == 3:
-      x = nn.with_logical_constraint(x, MLP_AXES)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    return nn.Dense(width, **init)(x)  # [..., D]
-
-
 class Encoder1DBlock(nn.Module):
   """Pre-LN block: x + MHSA(LN(x)), then x + MLP(LN(x)); dropout and drop-path on branches."""
   mlp_dim: int
@@ -279,7 +146,7 @@ class Encoder1DBlock(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   gelu_approximate: bool = True
-  layernorm_eps: float = 1e-6
+  layernorm_eps: float = layers.FLAX_NORM_EPS
   dtype_mm: str = "float32"
   attention_impl: str = "auto"
 
@@ -296,19 +163,19 @@ class Encoder1DBlock(nn.Module):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       if train and self.drop_path > 0:
         rate = self.drop_path if drop_path_rate is None else drop_path_rate
-        y = stochastic_depth(y, rate, self.make_rng("dropout"))
+        y = layers.stochastic_depth(y, rate, self.make_rng("dropout"))
       return x + y
 
-    x = nn.with_logical_constraint(x, RESIDUAL_AXES)
+    x = nn.with_logical_constraint(x, layers.RESIDUAL_AXES)
     y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
-    y, weights = MultiHeadAttention(self.num_heads, self.dtype_mm, self.attention_impl,
+    y, weights = layers.MultiHeadAttention(self.num_heads, self.dtype_mm, self.attention_impl,
                                     name="MultiHeadDotProductAttention_0")(
                                         y, mask=mask, return_attention=return_attention,
                                         segment_ids=segment_ids)
     x = residual(x, y)
     y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype_mm)(y, train)
-    return nn.with_logical_constraint(residual(x, y), RESIDUAL_AXES), weights
+    y = layers.MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype_mm)(y, train)
+    return nn.with_logical_constraint(residual(x, y), layers.RESIDUAL_AXES), weights
 
 
 class Encoder(nn.Module):
@@ -323,7 +190,7 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   gelu_approximate: bool = True
-  layernorm_eps: float = 1e-6
+  layernorm_eps: float = layers.FLAX_NORM_EPS
   dtype_mm: str = "float32"
   final_norm: bool = True
   attention_impl: str = "auto"
@@ -336,7 +203,7 @@ class Encoder(nn.Module):
                ) -> tuple[jax.Array, dict[str, Any]]:
     """x [B, N, D] -> ([B, N, D], aux with "block{i:02d}" and, on request, "attention")."""
     aux: dict[str, Any] = {}
-    block = remat(Encoder1DBlock, self.remat_policy, static_argnums=(3, 4))
+    block = layers.remat(Encoder1DBlock, self.remat_policy, static_argnums=(3, 4))
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
     if self.scan_layers:
       def layer(module, x, rate):
@@ -368,33 +235,6 @@ class Encoder(nn.Module):
     return x, aux
 
 
-class MAPHead(nn.Module):
-  """Multihead attention pooling: a learned probe attends over the tokens, then an MLP."""
-  mlp_dim: int
-  num_heads: int
-  gelu_approximate: bool = True
-  layernorm_eps: float = 1e-6
-  dtype_mm: str = "float32"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               num_queries: int | None = None) -> jax.Array:
-    """x [B, N, D], mask broadcastable to [B, heads, Q, N] -> [B, D].
-
-    With `num_queries` = Q, the probe is repeated Q times (each copy with its row of
-    `mask`, e.g. one per packed image) and the result is [B, Q, D].
-    """
-    b, _, width = x.shape
-    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), jnp.float32)
-    probe = jnp.tile(probe, (b, num_queries or 1, 1)).astype(x.dtype)  # [B, Q, D]
-    y, _ = MultiHeadAttention(self.num_heads, self.dtype_mm,
-                              name="MultiHeadDotProductAttention_0")(probe, x, mask=mask)
-    z = nn.LayerNorm(epsilon=self.layernorm_eps)(y)
-    y = y + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate,
-                     dtype_mm=self.dtype_mm)(z)  # [B, Q, D]
-    return y if num_queries else y[:, 0]
-
-
 class Model(nn.Module):
   """ViT classifier. `variant` ("S/16", ...) overrides width/depth/mlp_dim/num_heads/patch."""
   num_classes: int | None = None
@@ -411,18 +251,18 @@ class Model(nn.Module):
   drop_path: float = 0.0
   final_norm: str = "pre_pool"
   gelu_approximate: bool = True
-  layernorm_eps: float = 1e-6
+  layernorm_eps: float = layers.FLAX_NORM_EPS
   dtype_mm: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False
 
   def __post_init__(self):
-    check_choice("pool_type", self.pool_type, POOL_TYPES)
-    check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
-    check_choice("scan_layers", self.scan_layers, (False, True))
-    check_choice("posemb", self.posemb, POSEMB_TYPES)
-    check_choice("final_norm", self.final_norm, FINAL_NORMS)
-    check_choice("dtype_mm", self.dtype_mm, DTYPES_MM)
+    layers.check_choice("pool_type", self.pool_type, POOL_TYPES)
+    layers.check_choice("remat_policy", self.remat_policy, layers.REMAT_POLICIES)
+    layers.check_choice("scan_layers", self.scan_layers, (False, True))
+    layers.check_choice("posemb", self.posemb, POSEMB_TYPES)
+    layers.check_choice("final_norm", self.final_norm, FINAL_NORMS)
+    layers.check_choice("dtype_mm", self.dtype_mm, layers.DTYPES_MM)
     hp = self.hparams()
     if len(hp["patch_size"]) != 2:
       raise ValueError(f"Model field 'patch_size' must be (h, w), got {self.patch_size!r}.")
@@ -442,7 +282,7 @@ class Model(nn.Module):
     """images [B, H, W, 3] -> (logits [B, C] ([B, N, C] for pool "none"), aux)."""
     hp = self.hparams()
     patch, width = hp["patch_size"], hp["width"]
-    check_images(images, "ViT", patch)
+    layers.check_images(images, "ViT", patch)
     aux: dict[str, Any] = {}
     x, aux["stem"] = embed_patches(self, images, width, patch, self.posemb,
                                    self.pool_type == "tok", self.dtype_mm)  # [B, (1+)N, D]
@@ -455,7 +295,7 @@ class Model(nn.Module):
             x, train=train, return_attention=return_attention)
     aux.update(encoder_aux)
     aux["encoded"] = x
-    x = pool_tokens(x, self.pool_type, hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
+    x = layers.pool_tokens(x, self.pool_type, hp["mlp_dim"], hp["num_heads"], self.gelu_approximate,
                     self.layernorm_eps, self.dtype_mm)  # [B, D] ([B, N, D] for "none")
     if not pre_pool:
       x = nn.LayerNorm(epsilon=self.layernorm_eps, name="fc_norm")(x)

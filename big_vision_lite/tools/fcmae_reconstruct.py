@@ -19,6 +19,7 @@ from absl import app, flags
 from big_vision_lite import checkpointing
 from big_vision_lite.input import data as data_lib
 from big_vision_lite.models import fcmae
+from big_vision_lite.models import layers
 from big_vision_lite.tools import plot
 
 
@@ -35,12 +36,12 @@ def reconstruct(model: fcmae.Model, variables: dict, images: jax.Array, visible:
                 norm_pix_loss: bool) -> jax.Array:
   """images [B, H, W, C] in [-1, 1] -> the visible pixels plus the predicted masked cells."""
   pred, _ = model.apply(variables, images, mask=visible)  # [B, h, w, 32·32·C]
-  patches = fcmae.patchify(images)
+  patches = layers.patchify(images, fcmae.PATCH)
   if norm_pix_loss:
     mean, std = fcmae.patch_stats(patches)
     pred = pred * std + mean
   merged = jnp.where(visible > 0, patches, pred)
-  return fcmae.unpatchify(merged, images.shape[-1])
+  return layers.unpatchify(merged, images.shape[-1], fcmae.PATCH)
 
 
 def write_picture(run_dir: str, out: str, num_images: int = 8, res: int = 64, seed: int = 0,

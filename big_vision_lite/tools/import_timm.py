@@ -296,7 +296,7 @@ MOBILEVIT_FAMILY = ("mobilevit_{xxs,xs,s}* and mobilevitv2_{050,075,100,125,150,
 
 
 def _conv_bn(sd: StateDict, prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """timm ConvNormAct (bias-free conv, BatchNorm) -> `mobilevit.ConvBN` params, batch_stats."""
+  """timm ConvNormAct (bias-free conv, BatchNorm) -> `layers.ConvBN` params, batch_stats."""
   if f"{prefix}.bn.num_batches_tracked" in sd:
     sd.take(f"{prefix}.bn.num_batches_tracked")  # A counter with no use in eval mode.
   kernel = sd.take(f"{prefix}.conv.weight").transpose(2, 3, 1, 0)  # [O, I/g, k, k] -> HWIO
@@ -357,7 +357,8 @@ def convert_mobilevit(timm_name: str,
   timm `width_factor` convert too); the kwargs name the variant of `timm_name` and override
   only the architecture fields that differ from it.
   """
-  from big_vision_lite.models import mobilevit, mobilevit2  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from big_vision_lite.models import layers, mobilevit, mobilevit2
   version = 2 if timm_name.startswith("mobilevitv2_") else 1
   match = (MOBILEVIT2_PATTERN if version == 2 else MOBILEVIT_PATTERN).match(timm_name)
   if not match:
@@ -403,7 +404,7 @@ def convert_mobilevit(timm_name: str,
     raise ValueError(f"{timm_name!r} has MobileViT blocks in stages {vit_stages}; supported: "
                      f"the last stages only ({MOBILEVIT_FAMILY}).")
   expansions = [ratio for ratio in sorted({h / w for w, h in expanded})
-                if all(mobilevit.make_divisible(w * ratio) == h for w, h in expanded)]
+                if all(layers.make_divisible(w * ratio) == h for w, h in expanded)]
   mlp_ratios = [ratio for ratio in sorted({h / w for w, h in mlp_hidden})
                 if all(int(w * ratio) == h for w, h in mlp_hidden)]
   if not expansions or not mlp_ratios:
