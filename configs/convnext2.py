@@ -23,6 +23,6 @@ def get_config(arg: str | None = None):
   arg = config_lib.parse_arg(arg, variant="atto", res=32, batch_size=128, total_steps=400,
                              lr=2e-3, wd=0.05, drop_path=0.0, grn=True, **common.DATA_ARGS)
   model = dict(variant=arg.variant, num_classes=arg.num_classes,
-               drop_path_rate=arg.drop_path, grn=arg.grn)
+               drop_path=arg.drop_path, grn=arg.grn)
   # Weight decay is decoupled, on kernels only (not norms, biases or GRN gamma/beta).
   return common.classification(arg, "convnext2", model, wd=arg.wd)

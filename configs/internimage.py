@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
                              lr=1e-3, wd=0.05, drop_path=0.0, dcnv3_impl="auto",
                              **common.DATA_ARGS)
   model = dict(variant=arg.variant, num_classes=arg.num_classes,
-               drop_path_rate=arg.drop_path, dcnv3_impl=arg.dcnv3_impl)
+               drop_path=arg.drop_path, dcnv3_impl=arg.dcnv3_impl)
   # Weight decay is decoupled, on kernels only (not norms, biases or layer scales).
   return common.classification(arg, "internimage", model, wd=arg.wd, grad_clip_norm=5.0,
                                eval_log_steps=300, eval_batch_size=128)

@@ -39,6 +39,23 @@ def test_default_config_is_valid():
   config_lib.validate(vit_config.get_config("variant=S/16,res=224,num_classes=1000"))
 
 
+def test_stochastic_depth_is_drop_path_in_every_model():
+  with_rate = [name for name in models.KNOWN
+               if "drop_path" in models.get(name).Model.__dataclass_fields__]
+  assert {"vit", "convnext2", "internimage", "fcmae", "mobilevit"} <= set(with_rate)
+  assert not [name for name in models.KNOWN
+              if "drop_path_rate" in models.get(name).Model.__dataclass_fields__]
+
+
+@pytest.mark.parametrize("config_name", ["convnext2", "internimage"])
+def test_old_drop_path_rate_name_is_rejected_naming_drop_path(config_name):
+  config = importlib.import_module(config_name).get_config()
+  config.model.update(drop_path_rate=0.1)
+  with pytest.raises(ValueError, match=r"unexpected keyword argument 'drop_path_rate'.*"
+                     r"accepted fields: .*\bdrop_path\b"):
+    config_lib.validate(config)
+
+
 def test_models_get_lists_known_names():
   assert models.get("vit").Model
   with pytest.raises(ValueError, match=r"Unknown model_name 'swin'; known: .*resnet, .*vit"):

@@ -140,7 +140,7 @@ def test_without_grn_has_no_grn_params():
 
 
 @pytest.mark.parametrize("field, value", [("variant", "giant"), ("depths", (1, 2, 3)),
-                                          ("dims", (8, 16, 0, 32)), ("drop_path_rate", 1.0),
+                                          ("dims", (8, 16, 0, 32)), ("drop_path", 1.0),
                                           ("grn", "yes"), ("dwconv_impl", "cudnn")])
 def test_bad_field_is_named(field, value):
   with pytest.raises(ValueError, match=field):
@@ -196,7 +196,7 @@ def test_masked_pixels_never_reach_visible_outputs(mask_grid):
 
 def test_drop_path_is_identity_in_eval_and_active_in_training():
   images = normal((4, 32, 32, 3))
-  dropped = convnext2.Model(num_classes=3, drop_path_rate=0.5, **SMALL)
+  dropped = convnext2.Model(num_classes=3, drop_path=0.5, **SMALL)
   variables = random_variables(dropped, images)
   plain = jax.jit(convnext2.Model(num_classes=3, **SMALL).apply)(variables, images)[0]
   apply = jax.jit(lambda rng, train: dropped.apply(variables, images, train=train,

@@ -183,7 +183,7 @@ def test_cli_writes_a_checkpoint_with_batch_stats(tmp_path):
     (dict(channels=40), "'channels'"),
     (dict(group_channels=0), "'group_channels'"),
     (dict(dcnv3_impl="cuda"), "'dcnv3_impl'"),
-    (dict(drop_path_rate=1.0), "'drop_path_rate'"),
+    (dict(drop_path=1.0), "'drop_path'"),
     (dict(post_norm="yes"), "'post_norm'"),
     (dict(offset_scale=0.0), "'offset_scale'"),
     (dict(num_classes=-1), "'num_classes'"),

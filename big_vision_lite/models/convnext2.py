@@ -176,7 +176,7 @@ class Model(nn.Module):
   variant: str = "atto"
   depths: Sequence[int] | None = None
   dims: Sequence[int] | None = None
-  drop_path_rate: float = 0.0
+  drop_path: float = 0.0  # Rising linearly over all blocks from 0.
   grn: bool = True
   head_zeroinit: bool = True
   dwconv_impl: str = "auto"  # See `depthwise_conv`.
@@ -190,9 +190,9 @@ class Model(nn.Module):
           isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         raise ValueError(f"Model field {field!r} must be 4 positive ints (one per stage), "
                          f"got {value!r}.")
-    if not 0.0 <= self.drop_path_rate < 1.0:
-      raise ValueError(f"Model field 'drop_path_rate' must be in [0, 1), got "
-                       f"{self.drop_path_rate!r}.")
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f"Model field 'drop_path' must be in [0, 1), got "
+                       f"{self.drop_path!r}.")
     if not isinstance(self.grn, bool):
       raise ValueError(f"Model field 'grn' must be True or False, got {self.grn!r}.")
     super().__post_init__()
@@ -228,7 +228,7 @@ class Model(nn.Module):
     x = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name="stem_norm")(x)
     x_mask = masks_at(x)
     x = aux["stem"] = apply_mask(x, x_mask)
-    rates = [self.drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+    rates = [self.drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
     for stage, (depth, width) in enumerate(zip(depths, dims)):
       if stage > 0:
         x = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name=f"downsample{stage}_norm")(x)

@@ -79,7 +79,7 @@ class Model(nn.Module):
   variant: str = "atto"
   depths: Sequence[int] | None = None
   dims: Sequence[int] | None = None
-  drop_path_rate: float = 0.0
+  drop_path: float = 0.0
   grn: bool = True
   dwconv_impl: str = "auto"
   decoder_dim: int = 512
@@ -95,7 +95,7 @@ class Model(nn.Module):
   def encoder_kwargs(self) -> dict[str, Any]:
     """The `convnext2.Model` fields of the encoder."""
     return dict(variant=self.variant, depths=self.depths, dims=self.dims,
-                drop_path_rate=self.drop_path_rate, grn=self.grn, dwconv_impl=self.dwconv_impl,
+                drop_path=self.drop_path, grn=self.grn, dwconv_impl=self.dwconv_impl,
                 num_classes=0)
 
   @nn.compact

@@ -176,7 +176,7 @@ class Model(nn.Module):
   post_norm: bool | None = None
   offset_scale: float | None = None
   cls_scale: float = 1.5  # Width of the head conv over C4.
-  drop_path_rate: float = 0.0  # Rising linearly over all blocks from 0.
+  drop_path: float = 0.0  # Rising linearly over all blocks from 0.
   dcnv3_impl: str = "auto"  # kernels.dcnv3's `impl`.
 
   def __post_init__(self):
@@ -186,9 +186,9 @@ class Model(nn.Module):
     if not isinstance(self.num_classes, int) or self.num_classes < 0:
       raise ValueError(f"Model field 'num_classes' must be an int >= 0, got "
                        f"{self.num_classes!r}.")
-    if not 0.0 <= self.drop_path_rate < 1.0:
-      raise ValueError(f"Model field 'drop_path_rate' must be in [0, 1), got "
-                       f"{self.drop_path_rate!r}.")
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f"Model field 'drop_path' must be in [0, 1), got "
+                       f"{self.drop_path!r}.")
     if not self.cls_scale > 0:
       raise ValueError(f"Model field 'cls_scale' must be > 0, got {self.cls_scale!r}.")
     super().__post_init__()
@@ -246,7 +246,7 @@ class Model(nn.Module):
     x = conv3x3(widths[0], "stem_conv2")(x)  # [B, H/4, W/4, C1]
     x = aux["stem"] = layer_norm("stem_norm2")(x)
     total = sum(depths)
-    rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+    rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
     for level, (depth, group) in enumerate(zip(depths, hp["groups"])):
       for i in range(depth):
         x = Block(group, hp["mlp_ratio"], hp["layer_scale"], hp["post_norm"],

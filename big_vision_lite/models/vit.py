@@ -153,16 +153,16 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False,
                return_attention: bool = False, segment_ids: jax.Array | None = None,
-               drop_path_rate: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+               layer_drop_path: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """x [B, N, D] -> ([B, N, D], attention [B, heads, N, N] or None).
 
-    `drop_path_rate` (a scanned encoder's per-layer rate, may be traced) replaces the field
+    `layer_drop_path` (a scanned encoder's per-layer rate, may be traced) replaces the field
     `drop_path` as the rate; drop-path is on when the field is > 0.
     """
     def residual(x, y):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       if train and self.drop_path > 0:
-        rate = self.drop_path if drop_path_rate is None else drop_path_rate
+        rate = self.drop_path if layer_drop_path is None else layer_drop_path
         y = layers.stochastic_depth(y, rate, self.make_rng("dropout"))
       return x + y
 
