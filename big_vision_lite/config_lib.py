@@ -306,11 +306,16 @@ def _import_fields(name: str, own: dict[str, Any], recorded: Mapping[str, Any], 
 
 def _check_same_hparams(model_class: Any, effective: dict[str, Any], recorded: dict[str, Any],
                         own: dict[str, Any], path: str, prefix: str) -> None:
-  """A `variant` (or other size preset) in the config must resolve to the import's sizes."""
-  if not hasattr(model_class, "hparams"):
+  """A `variant` (or other size preset) in the config must resolve to the import's sizes.
+
+  The fields the config gives (with the import's values where it left them at the default)
+  are resolved without the import's other fields, which would otherwise win over the
+  config's `variant`."""
+  if not hasattr(model_class, "hparams") or "variant" not in own:
     return
   try:
-    mine, theirs = model_class(**effective).hparams(), model_class(**recorded).hparams()
+    mine = model_class(**{field: effective[field] for field in own}).hparams()
+    theirs = model_class(**recorded).hparams()
   except (TypeError, ValueError):
     return  # validate() names the bad field.
   if _plain(mine) == _plain(theirs):

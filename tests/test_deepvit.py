@@ -56,6 +56,10 @@ def test_model_shapes_depth_override_and_attention_maps():
   assert params["encoderblock_0"]["ReAttention_0"]["reattention_weights"].shape == (3, 3)
   with pytest.raises(ValueError, match="reattention_norm"):
     deepvit.Model(reattention_norm="batchnorm")
+  # Given fields win over the variant; with neither, a 16-block S/16.
+  assert deepvit.Model(variant="Ti/16", width=96).hparams()["width"] == 96
+  assert deepvit.Model().hparams() == dict(width=384, depth=16, mlp_dim=1536, num_heads=6,
+                                           patch_size=(16, 16))
 
 
 def test_collapse_similarity_is_one_for_equal_layers_and_plot_is_written(tmp_path):

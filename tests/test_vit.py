@@ -81,7 +81,7 @@ def test_pool_none_post_pool_and_headless():
     ("Ti/16", 192, 12, 3, 16), ("S/8", 384, 12, 6, 8), ("B/32", 768, 12, 12, 32),
     ("L/14", 1024, 24, 16, 14), ("H/14", 1280, 32, 16, 14)])
 def test_variants(variant, width, depth, heads, patch):
-  model = vit.Model(num_classes=4, variant=variant, width=8, depth=1, num_heads=1)
+  model = vit.Model(num_classes=4, variant=variant)
   hp = model.hparams()
   assert (hp["width"], hp["depth"], hp["num_heads"], hp["patch_size"], hp["mlp_dim"]) == (
       width, depth, heads, (patch, patch), 4 * width)
@@ -92,6 +92,20 @@ def test_variants(variant, width, depth, heads, patch):
   params = variables["params"]
   assert params["embedding"]["kernel"].shape == (patch, patch, 3, width)
   assert len([k for k in params["Transformer"] if k.startswith("encoderblock_")]) == depth
+
+
+def test_given_fields_win_over_variant():
+  """As big_vision's {**variant, **kwargs}: S/16 with depth=2 builds 2 blocks of S/16."""
+  model = vit.Model(num_classes=4, variant="S/16", depth=2, patch_size=32)
+  assert model.hparams() == dict(width=384, depth=2, mlp_dim=1536, num_heads=6,
+                                 patch_size=(32, 32))
+  params = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 64, 64, 3)))["params"]
+  assert len([k for k in params["Transformer"] if k.startswith("encoderblock_")]) == 2
+  assert params["embedding"]["kernel"].shape == (32, 32, 3, 384)
+  # Sizes neither given nor in a variant are B/16's; a given width without mlp_dim has 4x.
+  assert vit.Model(width=64, num_heads=2).hparams() == dict(
+      width=64, depth=12, mlp_dim=256, num_heads=2, patch_size=(16, 16))
+  assert vit.Model(variant="S/16", mlp_dim=100).hparams()["mlp_dim"] == 100
 
 
 def test_sincos_posemb_matches_naive_formula():

@@ -24,6 +24,7 @@ from big_vision_lite.models import vit
 
 REATTENTION_NORMS = ("layernorm", "none")
 POOL_TYPES = ("tok", "gap")
+DEFAULT_DEPTH = 16  # With no variant: a deep S/16, where plain ViTs saturate.
 
 
 class ReAttention(nn.Module):
@@ -81,14 +82,14 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-  """DeepViT classifier; `variant` ("S/16", ...) as ViT's, `depth` may then be overridden."""
+  """DeepViT classifier; `variant` ("S/16", ...) as ViT's: fields given win over it."""
   num_classes: int | None = None
   variant: str | None = None
-  width: int = 384
-  depth: int | None = None  # Default 16, or the variant's.
+  width: int | None = None  # The sizes left None are the variant's, or S/16's at depth 16.
+  depth: int | None = None
   mlp_dim: int | None = None
-  num_heads: int = 6
-  patch_size: int = 16
+  num_heads: int | None = None
+  patch_size: int | None = None
   posemb: str = "learn"
   pool_type: str = "tok"
   reattention_norm: str = "layernorm"
@@ -105,11 +106,10 @@ class Model(nn.Module):
     super().__post_init__()
 
   def hparams(self) -> dict[str, Any]:
-    """width, depth, mlp_dim, num_heads, patch_size after `variant` (an explicit depth wins)."""
-    hp = vit.resolve_hparams(self.width, 16, self.mlp_dim, self.num_heads, self.patch_size,
-                             self.variant)
-    if self.depth is not None:
-      hp["depth"] = self.depth
+    """width, depth, mlp_dim, num_heads, patch_size: the given fields over `variant`'s."""
+    depth = DEFAULT_DEPTH if self.depth is None and self.variant is None else self.depth
+    hp = vit.resolve_hparams(self.width, depth, self.mlp_dim, self.num_heads, self.patch_size,
+                             self.variant, default_variant="S/16")
     patch = hp["patch_size"]
     hp["patch_size"] = (patch, patch) if isinstance(patch, int) else tuple(patch)
     return hp

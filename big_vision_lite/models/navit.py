@@ -93,12 +93,12 @@ class FactorizedPosemb(nn.Module):
 class Model(nn.Module):
   """NaViT classifier. `variant` ("S/16", ...) sets width/depth/mlp_dim/num_heads/patch."""
   num_classes: int | None = None
-  variant: str | None = None
-  width: int = 768
-  depth: int = 12
+  variant: str | None = None  # Gives the sizes left None (B/16's without it).
+  width: int | None = None
+  depth: int | None = None
   mlp_dim: int | None = None
-  num_heads: int = 12
-  patch_size: int = 16
+  num_heads: int | None = None
+  patch_size: int | None = None
   posemb: str = "learn"
   posemb_coords: str = "fractional"
   posemb_combine: str = "sum"
@@ -132,7 +132,8 @@ class Model(nn.Module):
     super().__post_init__()
 
   def hparams(self) -> dict[str, Any]:
-    """width, depth, mlp_dim, num_heads and patch_size (an int) after applying `variant`."""
+    """width, depth, mlp_dim, num_heads and patch_size (an int): the given fields over
+    `variant`'s."""
     hp = vit.resolve_hparams(self.width, self.depth, self.mlp_dim, self.num_heads,
                              self.patch_size, self.variant)
     patch = hp["patch_size"]

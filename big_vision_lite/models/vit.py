@@ -26,6 +26,7 @@ PATCHES = (8, 14, 16, 32)
 POOL_TYPES = ("tok", "gap", "map", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
 FINAL_NORMS = ("pre_pool", "post_pool")
+DEFAULT_VARIANT = "B/16"  # The sizes of fields that neither the kwargs nor `variant` give.
 RESAMPLE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos3", "lanczos5")
 
 
@@ -39,15 +40,18 @@ def check_encoder_fields(hp: Mapping[str, Any], dropout: float, drop_path: float
       raise ValueError(f"Model field {field!r} must be in [0, 1), got {rate!r}.")
 
 
-def resolve_hparams(width: int, depth: int, mlp_dim: int | None, num_heads: int,
-                    patch_size: Any, variant: str | None) -> dict[str, Any]:
-  """width, depth, mlp_dim, num_heads, patch_size with `variant` (e.g. "S/16") taking
-  precedence over the explicit fields; mlp_dim defaults to 4 · width."""
-  hp = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
-            patch_size=patch_size)
-  if variant is not None:
-    hp.update(parse_variant(variant))
-  hp["mlp_dim"] = hp["mlp_dim"] or 4 * hp["width"]
+def resolve_hparams(width: int | None, depth: int | None, mlp_dim: int | None,
+                    num_heads: int | None, patch_size: Any, variant: str | None,
+                    default_variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
+  """width, depth, mlp_dim, num_heads, patch_size: each field given (not None) wins over
+  `variant`'s (e.g. "S/16"), or `default_variant`'s with no variant, as big_vision's
+  `{**variant, **kwargs}`. A given width without mlp_dim gets mlp_dim = 4 · width."""
+  hp = parse_variant(default_variant if variant is None else variant)
+  given = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+               patch_size=patch_size)
+  hp.update({field: value for field, value in given.items() if value is not None})
+  if mlp_dim is None and width is not None:
+    hp["mlp_dim"] = 4 * width
   return hp
 
 
@@ -236,14 +240,15 @@ class Encoder(nn.Module):
 
 
 class Model(nn.Module):
-  """ViT classifier. `variant` ("S/16", ...) overrides width/depth/mlp_dim/num_heads/patch."""
+  """ViT classifier. `variant` ("S/16", ...) gives width/depth/mlp_dim/num_heads/patch_size
+  where they are None; fields neither gives are B/16's (`resolve_hparams`)."""
   num_classes: int | None = None
   variant: str | None = None
-  width: int = 768
-  depth: int = 12
+  width: int | None = None
+  depth: int | None = None
   mlp_dim: int | None = None
-  num_heads: int = 12
-  patch_size: Sequence[int] | int = (16, 16)
+  num_heads: int | None = None
+  patch_size: Sequence[int] | int | None = None
   posemb: str = "learn"
   pool_type: str = "gap"
   head_zeroinit: bool = True
@@ -270,11 +275,13 @@ class Model(nn.Module):
     super().__post_init__()
 
   def hparams(self) -> dict[str, Any]:
-    """width, depth, mlp_dim, num_heads and patch_size after applying `variant`."""
-    patch = self.patch_size
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return resolve_hparams(self.width, self.depth, self.mlp_dim, self.num_heads, patch,
-                           self.variant)
+    """width, depth, mlp_dim, num_heads and patch_size (h, w): the given fields over
+    `variant`'s."""
+    hp = resolve_hparams(self.width, self.depth, self.mlp_dim, self.num_heads,
+                         self.patch_size, self.variant)
+    patch = hp["patch_size"]
+    hp["patch_size"] = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return hp
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
