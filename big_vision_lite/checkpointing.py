@@ -220,9 +220,24 @@ def read_run_model(path: str) -> tuple[str | None, dict[str, Any] | None]:
   return None, None
 
 
+def write_import(workdir: str, model_name: str, model_kwargs: dict[str, Any],
+                 variables: dict[str, Any]) -> None:
+  """Writes an imported checkpoint: `workdir/params` (orbax, every collection of
+  `variables`), then `model.json` ({"model_name", "model": kwargs}), which `is_import`,
+  `read_run_model` and `load_variables` read; without model.json it is not an import."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(workdir + "/params", dict(variables), force=True)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  with open(os.path.join(workdir, "model.json"), "w") as f:
+    json.dump({"model_name": model_name, "model": model_kwargs}, f, indent=2)
+
+
 def is_import(path: str) -> bool:
   """Whether `path` is an imported checkpoint (`model.json` and `params/`, as written by
-  `tools/import_timm.py`) rather than a run's workdir."""
+  `write_import`) rather than a run's workdir."""
   return (os.path.isfile(os.path.join(path, "model.json"))
           and os.path.isdir(os.path.join(path, "params")))
 

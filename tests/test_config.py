@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import pytest
 
+from big_vision_lite import checkpointing
 from big_vision_lite import config_lib
 from big_vision_lite import models
 from big_vision_lite import sharding
@@ -250,7 +251,7 @@ def test_init_from_must_hold_a_checkpoint(tmp_path):
   (empty / "checkpoints" / "3").mkdir()
   config_lib.validate(config)
   foreign = tmp_path / "foreign"
-  import_timm.write_checkpoint(str(foreign), "deepvit", {"num_classes": 10}, {"params": {}})
+  checkpointing.write_import(str(foreign), "deepvit", {"num_classes": 10}, {"params": {}})
   config.init_from = str(foreign)
   fails_before_compute(config, r"'init_from': .*foreign holds model_name='deepvit'; a 'vit' "
                        r"run loads 'vit'", tmp_path)
@@ -283,7 +284,7 @@ def timm_import(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("timm_import"))
   name, kwargs, variables = import_timm.convert("vit_small_patch16_224",
                                                 import_timm.read_state_dict(TIMM_TINY))
-  import_timm.write_checkpoint(directory, name, kwargs, variables)
+  checkpointing.write_import(directory, name, kwargs, variables)
   with open(os.path.join(directory, "model.json")) as f:
     return directory, json.load(f)["model"]
 

@@ -17,7 +17,6 @@ from big_vision_lite import tasks
 from big_vision_lite import train
 from big_vision_lite.input import packing
 from big_vision_lite.models import vit
-from big_vision_lite.tools import import_timm
 from kernels import contrastive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +133,7 @@ def write_vit_import(path: str, **fields) -> dict:
                           np.zeros((1, 16, 16, 3), np.float32))
   rng = np.random.default_rng(2)
   loaded = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
-  import_timm.write_checkpoint(path, "vit", vit_kwargs, loaded)
+  checkpointing.write_import(path, "vit", vit_kwargs, loaded)
   return loaded
 
 

@@ -118,7 +118,7 @@ def test_init_from_a_timm_resnet_import_fills_the_frozen_backbone(tmp_path):
   name, kwargs, variables = import_timm.convert("resnet18", import_timm.read_state_dict(
       os.path.join(RESNET_IMPORT, "state.safetensors")))
   import_dir = str(tmp_path / "r18")
-  import_timm.write_checkpoint(import_dir, name, kwargs, variables)
+  checkpointing.write_import(import_dir, name, kwargs, variables)
   config = tiny_config(init_from=import_dir, lr=0.0, total_steps=1)
   run_dir = str(tmp_path / "detr")
   train.train_and_evaluate(config, run_dir)

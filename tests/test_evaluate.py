@@ -14,7 +14,6 @@ from absl import flags
 from big_vision_lite import checkpointing
 from big_vision_lite import evaluate
 from big_vision_lite import train
-from big_vision_lite.tools import import_timm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,7 +133,7 @@ def test_an_import_evaluates_like_its_run(trained_run, tmp_path):
   config_path, workdir, logged = trained_run
   config = load_config(config_path)
   imported = str(tmp_path / "import")
-  import_timm.write_checkpoint(imported, config.model_name, config.model.to_dict(),
+  checkpointing.write_import(imported, config.model_name, config.model.to_dict(),
                                checkpointing.load_variables(workdir))
   results = evaluate.evaluate(config, imported, ["knn"])
   assert results["knn"] == {k: logged[f"knn/{k}"] for k in ("top1", "top5")}

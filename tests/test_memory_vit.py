@@ -301,7 +301,7 @@ def test_headless_base_and_foreign_checkpoints_are_checked(tmp_path):
   config = memory_config.get_config("base_classes=0")
   assert config.model.num_classes == 0 and config.model.task_classes == [10]
   tasks.REGISTRY.get(config.task).validate_config(config)
-  import_timm.write_checkpoint(str(tmp_path), "deepvit", dict(TINY), {"params": {}})
+  checkpointing.write_import(str(tmp_path), "deepvit", dict(TINY), {"params": {}})
   with pytest.raises(ValueError, match="memory_vit or vit checkpoint"):
     memory_config.get_config(f"init_from={tmp_path}")
 
@@ -311,7 +311,7 @@ def test_checkpoint_dirs_config_and_concatenation(tmp_path):
   init_from steps (load + merge) -> concatenation of dirs."""
   _, base = vit_params(seed=9, num_classes=10)
   vit_dir, base_dir, task_dir = (str(tmp_path / n) for n in ("vit", "base", "task"))
-  import_timm.write_checkpoint(vit_dir, "vit", dict(TINY, num_classes=10), {"params": base})
+  checkpointing.write_import(vit_dir, "vit", dict(TINY, num_classes=10), {"params": base})
   assert concat_memory.concat_to_dir([vit_dir], base_dir)["task_classes"] == []
   config = memory_config.get_config(f"init_from={base_dir},memory=2,num_classes=4")
   from_vit = memory_config.get_config(f"init_from={vit_dir},memory=2,num_classes=4")
@@ -329,7 +329,7 @@ def test_checkpoint_dirs_config_and_concatenation(tmp_path):
     np.testing.assert_array_equal(merged[key], value, err_msg=key)
   for key, value in flat(fresh["task_1"]).items():
     np.testing.assert_array_equal(merged[f"task_1/{key}"], value, err_msg=key)
-  import_timm.write_checkpoint(task_dir, "memory_vit", config.model.to_dict(),
+  checkpointing.write_import(task_dir, "memory_vit", config.model.to_dict(),
                                {"params": params})
   kwargs, variables = concat_memory.concat_dirs([task_dir, base_dir, task_dir])
   assert kwargs["task_classes"] == [4, 4] and kwargs["num_memory"] == [2, 2]
@@ -345,7 +345,7 @@ def test_vit_checkpoint_to_memory_run_to_concatenation(tmp_path):
   through real train steps."""
   plain, base = vit_params(seed=9, num_classes=10)
   vit_dir, base_dir, run_dir = (str(tmp_path / n) for n in ("vit", "base", "run"))
-  import_timm.write_checkpoint(vit_dir, "vit", dict(TINY, num_classes=10), {"params": base})
+  checkpointing.write_import(vit_dir, "vit", dict(TINY, num_classes=10), {"params": base})
   concat_memory.concat_to_dir([vit_dir], base_dir)
   config = memory_config.get_config(f"init_from={vit_dir},memory=2,total_steps=2,"
                                     "batch_size=8")
@@ -371,7 +371,7 @@ def test_vit_checkpoint_to_memory_run_to_concatenation(tmp_path):
 @pytest.mark.slow
 def test_cli_writes_the_concatenation(tmp_path):
   _, base = vit_params(seed=2)
-  import_timm.write_checkpoint(str(tmp_path / "vit"), "vit", TINY, {"params": base})
+  checkpointing.write_import(str(tmp_path / "vit"), "vit", TINY, {"params": base})
   subprocess.run([sys.executable, "-m", "big_vision_lite.tools.concat_memory",
                   f"--inputs={tmp_path / 'vit'},{tmp_path / 'vit'}", f"--out={tmp_path / 'out'}"],
                  check=True, cwd=REPO, capture_output=True,

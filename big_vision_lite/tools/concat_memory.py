@@ -19,7 +19,6 @@ from absl import app, flags
 from big_vision_lite import checkpointing
 from big_vision_lite import utils
 from big_vision_lite.models import memory_vit
-from big_vision_lite.tools import import_timm
 
 # Base-model fields that must agree across inputs (besides the shapes of the params).
 ARCHITECTURE_FIELDS = ("posemb", "pool_type", "final_norm", "gelu_approximate",
@@ -115,7 +114,7 @@ def concat_to_dir(paths: Sequence[str], out: str) -> dict[str, Any]:
   """Concatenates checkpoint dirs `paths` into `out` (params/ + model.json); returns the
   model kwargs."""
   kwargs, variables = concat_dirs(paths)
-  import_timm.write_checkpoint(out, "memory_vit", kwargs, variables)
+  checkpointing.write_import(out, "memory_vit", kwargs, variables)
   return kwargs
 
 

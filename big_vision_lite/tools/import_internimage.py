@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 from absl import app, flags
 
+from big_vision_lite import checkpointing
 from big_vision_lite.models import internimage
 from big_vision_lite.tools import import_timm
 
@@ -154,7 +155,7 @@ def main(argv: list[str]) -> None:
   args = flags.FLAGS
   model_name, kwargs, variables = convert(import_timm.read_state_dict(args.weights),
                                           args.variant, args.offset_scale)
-  import_timm.write_checkpoint(args.workdir, model_name, kwargs, variables)
+  checkpointing.write_import(args.workdir, model_name, kwargs, variables)
   print(f"Wrote {model_name} {kwargs} to {os.path.abspath(args.workdir)}")
 
 

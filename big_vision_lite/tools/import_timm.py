@@ -4,22 +4,23 @@ r"""Converts timm checkpoints to big_vision_lite parameters (no torch needed).
         --weights model.safetensors --workdir DIR
 
 writes `DIR/params` (orbax, `{"params": ...}` plus `batch_stats` for BatchNorm models) and
-`DIR/model.json`
-(`{"model_name": ..., "model": kwargs}`), the layout `--config.init_from=DIR` reads.
+`DIR/model.json` (`{"model_name": ..., "model": kwargs}`) through
+`checkpointing.write_import`, beside the reader of the layout `--config.init_from=DIR` uses.
 `convert(timm_name, state_dict)` does the same in memory. State-dict values are numpy
 arrays named as in timm. `convert` dispatches on the name prefix through `CONVERTERS`;
 each family's converter takes every key it understands and raises a ValueError naming any
 key left over (a timm feature with no equivalent here).
 """
-import json
 import os
 import re
 from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 from absl import app, flags
+
+from big_vision_lite import checkpointing
+
 
 class ViTDefinition(NamedTuple):
   """What a timm ViT's name fixes but its state dict does not show."""
@@ -686,26 +687,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   raise ValueError(f"Flag 'weights' must be a .safetensors or .npz file, got {path!r}.")
 
 
-def write_checkpoint(workdir: str, model_name: str, model_kwargs: dict[str, Any],
-                     variables: dict[str, Any]) -> None:
-  """Writes `workdir/params` (orbax, every collection of `variables`) and `model.json`."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(workdir + "/params", dict(variables), force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  with open(os.path.join(workdir, "model.json"), "w") as f:
-    json.dump({"model_name": model_name, "model": model_kwargs}, f, indent=2)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   args = flags.FLAGS
   find_converter(args.name)  # An unsupported name fails before the weights are read.
   model_name, kwargs, variables = convert(args.name, read_state_dict(args.weights))
-  write_checkpoint(args.workdir, model_name, kwargs, variables)
+  checkpointing.write_import(args.workdir, model_name, kwargs, variables)
   print(f"Wrote {model_name} {kwargs} to {os.path.abspath(args.workdir)}")
 
 
