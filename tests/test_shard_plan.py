@@ -87,3 +87,16 @@ def test_compiled_memory_is_linear_in_the_batch_and_falls_with_remat_under_scan(
   assert plan["max_examples_per_shard"] > 4
   remat = shard_plan.compiled_step_bytes(COMPILE_TINY, 32, layout, 4, "float32", "full", True)
   assert remat["temporaries"] < 0.8 * four["temporaries"], (remat, four)
+
+
+def test_compiled_memory_of_a_vit_b16_step_falls_with_remat():
+  """ViT-B/16 at 224 px, 8 examples on one device, scanned: XLA's temporaries of the real
+  train step with remat "full" are under half of those without (the activations of 12
+  blocks give way to one block's; measured 2782 -> 596 MiB); the parameters and optimiser
+  state (arguments) stay. About 25 s of compiling."""
+  layout = shard_plan.layouts(1, 1)[0]
+  b16 = dict(variant="B/16", num_classes=1000)
+  plain, remat = (shard_plan.compiled_step_bytes(b16, 224, layout, 8, "float32", policy, True)
+                  for policy in ("none", "full"))
+  assert remat["temporaries"] < 0.5 * plain["temporaries"], (remat, plain)
+  assert remat["arguments"] == plain["arguments"]
