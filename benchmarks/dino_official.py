@@ -50,6 +50,8 @@ def main() -> None:
   parser.add_argument("--warmup_steps", type=int, default=30)
   parser.add_argument("--freeze_last_layer_steps", type=int, default=30)
   parser.add_argument("--teacher_temp", type=float, default=0.02)
+  parser.add_argument("--warmup_teacher_temp", type=float, default=0.02)
+  parser.add_argument("--teacher_temp_warmup_steps", type=int, default=0)
   parser.add_argument("--momentum_teacher", type=float, default=0.99)
   parser.add_argument("--drop_path_rate", type=float, default=0.0)
   parser.add_argument("--out_dim", type=int, default=4096)
@@ -109,8 +111,9 @@ def main() -> None:
   teacher.load_state_dict(student.state_dict())
   for p in teacher.parameters():
     p.requires_grad = False
-  dino_loss = main_dino.DINOLoss(args.out_dim, 2 + args.num_local, args.teacher_temp,
-                                 args.teacher_temp, 0, 1)
+  # DINOLoss indexes its teacher temperature schedule by epoch: here by step.
+  dino_loss = main_dino.DINOLoss(args.out_dim, 2 + args.num_local, args.warmup_teacher_temp,
+                                 args.teacher_temp, args.teacher_temp_warmup_steps, args.steps)
   optimizer = torch.optim.AdamW(utils.get_params_groups(student))
   lr_schedule = utils.cosine_scheduler(args.lr, args.lr * args.min_lr_ratio, args.steps, 1,
                                        warmup_epochs=args.warmup_steps)
@@ -146,7 +149,7 @@ def main() -> None:
     images = [torch.stack(v) for v in views]
     teacher_output = teacher(images[:2])
     student_output = student(images)
-    loss = dino_loss(student_output, teacher_output, 0)
+    loss = dino_loss(student_output, teacher_output, it)
     optimizer.zero_grad()
     loss.backward()
     utils.clip_gradients(student, 3.0)
@@ -157,7 +160,8 @@ def main() -> None:
       for param_q, param_k in zip(student.parameters(), teacher.parameters()):
         param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
     if (it + 1) % 25 == 0:
-      probs = torch.softmax((teacher_output - dino_loss.center) / args.teacher_temp, -1)
+      temp = dino_loss.teacher_temp_schedule[it]
+      probs = torch.softmax((teacher_output - dino_loss.center) / temp, -1)
       entropy = float(-(probs * torch.log(probs + 1e-12)).sum(-1).mean())
       print(f"step {it + 1}: loss {loss.item():.4f} teacher entropy {entropy:.3f} "
             f"({time.time() - start:.0f} s)", flush=True)
