@@ -106,6 +106,8 @@ def test_given_fields_win_over_variant():
   assert vit.Model(width=64, num_heads=2).hparams() == dict(
       width=64, depth=12, mlp_dim=256, num_heads=2, patch_size=(16, 16))
   assert vit.Model(variant="S/16", mlp_dim=100).hparams()["mlp_dim"] == 100
+  # With a variant, a given width keeps the variant's mlp_dim ({**variant, **kwargs}).
+  assert vit.Model(variant="S/16", width=192).hparams()["mlp_dim"] == 1536
 
 
 def test_sincos_posemb_matches_naive_formula():

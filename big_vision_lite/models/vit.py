@@ -45,12 +45,13 @@ def resolve_hparams(width: int | None, depth: int | None, mlp_dim: int | None,
                     default_variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
   """width, depth, mlp_dim, num_heads, patch_size: each field given (not None) wins over
   `variant`'s (e.g. "S/16"), or `default_variant`'s with no variant, as big_vision's
-  `{**variant, **kwargs}`. A given width without mlp_dim gets mlp_dim = 4 · width."""
+  `{**variant, **kwargs}`. With no variant, a given width without mlp_dim gets
+  mlp_dim = 4 · width (with a variant, the variant's mlp_dim, as big_vision)."""
   hp = parse_variant(default_variant if variant is None else variant)
   given = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
                patch_size=patch_size)
   hp.update({field: value for field, value in given.items() if value is not None})
-  if mlp_dim is None and width is not None:
+  if mlp_dim is None and width is not None and variant is None:
     hp["mlp_dim"] = 4 * width
   return hp
 
