@@ -53,7 +53,7 @@ def main() -> None:
   parser.add_argument("--warmup_teacher_temp", type=float, default=0.02)
   parser.add_argument("--teacher_temp_warmup_steps", type=int, default=0)
   parser.add_argument("--momentum_teacher", type=float, default=0.99)
-  parser.add_argument("--drop_path_rate", type=float, default=0.0)
+  parser.add_argument("--drop_path", type=float, default=0.0)
   parser.add_argument("--out_dim", type=int, default=4096)
   parser.add_argument("--global_size", type=int, default=32)
   parser.add_argument("--local_size", type=int, default=16)
@@ -106,7 +106,7 @@ def main() -> None:
         drop_path_rate=drop_path_rate)
   head = functools.partial(vits.DINOHead, 96, args.out_dim, use_bn=False, norm_last_layer=True,
                            hidden_dim=512, bottleneck_dim=128)
-  student = utils.MultiCropWrapper(vit(args.drop_path_rate), head())
+  student = utils.MultiCropWrapper(vit(args.drop_path), head())
   teacher = utils.MultiCropWrapper(vit(0.0), head())
   teacher.load_state_dict(student.state_dict())
   for p in teacher.parameters():
