@@ -287,8 +287,7 @@ class Model(nn.Module):
     x = x.mean(axis=(1, 2))  # [B, D]
     aux["pre_logits"] = x
     if self.num_classes:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=layers.TORCH_NORM_EPS, name="head_norm")(x)
+      x = layers.batch_norm(train, name="head_norm")(x)
       x = nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(0.02),
                    name="head")(x)  # [B, C]
     aux["logits"] = x

@@ -260,8 +260,7 @@ class Model(nn.Module):
         x = layer_norm(f"level{level}_downsample_norm")(x)  # [B, H', W', C_{i+1}]
     head_width = int(widths[-1] * self.cls_scale)
     x = nn.Dense(head_width, use_bias=False, name="conv_head")(x)  # 1x1 conv [B, h, w, D]
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=layers.TORCH_NORM_EPS,
-                     name="conv_head_bn")(x)
+    x = layers.batch_norm(train, name="conv_head_bn")(x)
     x = aux["pre_logits"] = gelu(x).mean(axis=(1, 2))  # [B, D]
     if self.num_classes:
       x = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name="head")(x)  # [B, classes]

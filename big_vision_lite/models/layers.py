@@ -238,9 +238,16 @@ class Conv(nn.Module):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
 
 
+def batch_norm(train: bool, zero_scale: bool = False, name: str | None = None) -> nn.BatchNorm:
+  """The timm-style CNNs' BatchNorm: torch's epsilon, momentum 0.9, batch statistics in
+  training; `zero_scale` starts a residual branch at zero (timm's bn_weight_init=0)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=TORCH_NORM_EPS,
+                      scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+                      name=name)
+
+
 class ConvBN(nn.Module):
-  """`Conv` (`conv`) -> BatchNorm (`bn`, torch's epsilon, batch statistics in training,
-  momentum 0.9); `zero_scale` starts a residual branch at zero (timm's bn_weight_init=0).
+  """`Conv` (`conv`) -> `batch_norm` (`bn`; `zero_scale` starts a residual branch at zero).
   No activation: the caller applies its own."""
   features: int
   kernel_size: int = 1
@@ -254,6 +261,4 @@ class ConvBN(nn.Module):
     """x [B, H, W, Cin] -> [B, H / strides, W / strides, features]."""
     x = Conv(self.features, self.kernel_size, self.strides, self.groups, self.conv_impl,
              name="conv")(x)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=TORCH_NORM_EPS,
-                        scale_init=nn.initializers.zeros if self.zero_scale
-                        else nn.initializers.ones, name="bn")(x)
+    return batch_norm(train, self.zero_scale, name="bn")(x)

@@ -60,9 +60,7 @@ def batch_norm(name: str, train: bool, frozen: bool, zero_init: bool = False) ->
   """A frozen or trainable BatchNorm called `name` (scale zero-initialised if `zero_init`)."""
   if frozen:
     return FrozenBatchNorm(name=name)
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=layers.TORCH_NORM_EPS,
-                      scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
-                      name=name)
+  return layers.batch_norm(train, zero_init, name)
 
 
 def conv(features: int, kernel_size: int, strides: int, name: str) -> nn.Conv:
