@@ -43,7 +43,6 @@ from big_vision_lite import sharding
 from big_vision_lite import tasks
 from big_vision_lite import train
 from big_vision_lite import utils
-from big_vision_lite.models import vit
 from big_vision_lite.tasks.base import cast_floating
 
 GIB = 2**30
@@ -121,8 +120,7 @@ def activation_bytes_per_example(model: Any, params: Any, res: int, dtype: jnp.d
     return jax.tree.leaves(jax.eval_shape(forward_vjp, params, images))
 
   nbytes = lambda leaf: int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-  hp = vit.resolve_hparams(model.width, model.depth, model.mlp_dim, model.num_heads,
-                           model.patch_size, model.variant)
+  hp = model.hparams()
   heads, head_dim = hp["num_heads"], hp["width"] // hp["num_heads"]
   total = split = 0
   for one, two in zip(residuals(1), residuals(2)):
