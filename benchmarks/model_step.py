@@ -48,35 +48,6 @@ flags.DEFINE_bool("timm", True, "Also time each case's timm counterpart (needs t
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON lines here.")
 
 
-def build_step(model: Any, variables: dict[str, Any], tx: optax.GradientTransformation):
-  """Jitted step(state, images, labels) -> (state, loss), the state donated.
-
-  A plain-JAX copy of the train loop's step (`train.make_train_step`) without its config
-  and mesh: accelerator images often lack ml_collections/tfds, which `train` imports.
-  """
-  collections = [k for k in variables if k != "params"]
-
-  def loss_fn(params, extra, images, labels):
-    rngs = {"dropout": jax.random.key(0)}
-    if collections:
-      (logits, _), extra = model.apply({"params": params, **extra}, images, train=True,
-                                       rngs=rngs, mutable=collections)
-    else:
-      logits, _ = model.apply({"params": params}, images, train=True, rngs=rngs)
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels).mean()
-    return loss, extra
-
-  def step(state, images, labels):
-    params, extra, opt_state = state
-    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, extra, images, labels)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), extra, opt_state), loss
-
-  return jax.jit(step, donate_argnums=0)
-
-
 def time_case(name: str, batch_size: int, res: int, num_classes: int, steps: int,
               warmup: int) -> dict[str, float]:
   """Params, compile seconds, median seconds per step and XLA FLOPs per step of a case."""
@@ -91,7 +62,7 @@ def time_case(name: str, batch_size: int, res: int, num_classes: int, steps: int
   state = (params, {k: v for k, v in variables.items() if k != "params"}, tx.init(params))
   num_params = sum(x.size for x in jax.tree.leaves(params))
   start = time.perf_counter()
-  lowered = build_step(model, variables, tx).lower(state, images, labels)
+  lowered = timing.build_step(model, variables, tx).lower(state, images, labels)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   for _ in range(warmup + 1):

@@ -1,4 +1,5 @@
-"""Timing shared by the benchmarks: interleaved steps, so ratios come from one run."""
+"""Timing shared by the benchmarks: interleaved steps, so ratios come from one run, and the
+plain classification train step they time."""
 import json
 import os
 import statistics
@@ -9,6 +10,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def time_interleaved(cases: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]], *,
@@ -69,3 +71,32 @@ def time_timm(name: str, batch_size: int, res: int, num_classes: int, steps: int
   if result.returncode:
     raise RuntimeError(f"timm timing of {name!r} failed:\n{result.stderr[-2000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def build_step(model: Any, variables: dict[str, Any], tx: optax.GradientTransformation):
+  """Jitted step(state, images, labels) -> (state, loss), the state donated.
+
+  A plain-JAX copy of the train loop's step (`train.make_train_step`) without its config
+  and mesh: accelerator images often lack ml_collections/tfds, which `train` imports.
+  """
+  collections = [k for k in variables if k != "params"]
+
+  def loss_fn(params, extra, images, labels):
+    rngs = {"dropout": jax.random.key(0)}
+    if collections:
+      (logits, _), extra = model.apply({"params": params, **extra}, images, train=True,
+                                       rngs=rngs, mutable=collections)
+    else:
+      logits, _ = model.apply({"params": params}, images, train=True, rngs=rngs)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels).mean()
+    return loss, extra
+
+  def step(state, images, labels):
+    params, extra, opt_state = state
+    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, extra, images, labels)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), extra, opt_state), loss
+
+  return jax.jit(step, donate_argnums=0)
