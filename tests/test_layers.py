@@ -1,4 +1,5 @@
-"""Shared layers: stochastic depth, channel rounding, patchify, the conv paths, ConvBN."""
+"""Shared layers: attention, stochastic depth, channel rounding, patchify, the conv paths,
+ConvBN."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,28 @@ import pytest
 
 from big_vision_lite import models
 from big_vision_lite.models import layers
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attention_matches_flax_multi_head_attention(with_mask):
+  """Same parameter names, so flax's own module with our variables is the reference."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)  # [B, Nq, D]
+  kv = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)  # [B, Nk, D]
+  mask = None
+  if with_mask:
+    mask = jnp.asarray(rng.random((2, 1, 7, 5)) < 0.6).at[..., 0].set(True)  # [B, 1, Nq, Nk]
+  ours = layers.MultiHeadAttention(num_heads=4)
+  variables = ours.init(jax.random.key(0), x, kv, mask)
+  out, weights = ours.apply(variables, x, kv, mask, return_attention=True)
+  plain, no_weights = ours.apply(variables, x, kv, mask)
+  reference = nn.MultiHeadDotProductAttention(num_heads=4).apply(variables, x, kv, mask=mask)
+  np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(plain, reference, rtol=1e-5, atol=1e-5)
+  assert no_weights is None and weights.shape == (2, 4, 7, 5)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+  if with_mask:
+    assert np.all(np.asarray(weights)[~np.broadcast_to(mask, weights.shape)] == 0)
 
 
 def test_stochastic_depth_drops_whole_examples():

@@ -128,14 +128,14 @@ def test_sincos_posemb_matches_naive_formula():
   assert "pos_embedding" not in _init(model, _images())["params"]
 
 
-def test_attention_maps_and_fused_path_agree():
+def test_returning_attention_maps_keeps_the_logits():
   model = vit.Model(num_classes=5, pool_type="tok", **TINY)
   images = _images()
   variables = _init(model, images)
-  fused, fused_aux = _apply(model, variables, images)
+  plain, plain_aux = _apply(model, variables, images)
   explicit, aux = _apply(model, variables, images, return_attention=True)
-  assert "attention" not in fused_aux
-  np.testing.assert_allclose(fused, explicit, rtol=1e-5, atol=1e-5)
+  assert "attention" not in plain_aux
+  np.testing.assert_allclose(plain, explicit, rtol=1e-5, atol=1e-5)
   assert len(aux["attention"]) == 2
   for weights in aux["attention"]:
     assert weights.shape == (2, 4, 17, 17)

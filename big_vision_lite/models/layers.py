@@ -91,10 +91,29 @@ def unpatchify(patches: jax.Array, channels: int, patch: int) -> jax.Array:
   return x.reshape(b, h * patch, w * patch, channels)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """q [B, Nq, H, Dh], k and v [B, Nk, H, Dh], boolean mask broadcastable to [B, H, Nq, Nk]
+  -> (out [B, Nq, H, Dh], softmax weights [B, H, Nq, Nk] in float32).
+
+  Plain einsums, as flax's attention, with the scale on q rather than on the logits: XLA
+  compiles them with fewer transposes and copies than `jax.nn.dot_product_attention`'s
+  (grouped-query) XLA path, which slowed a ViT-S/16 train step on CPU by 5-10%.
+  """
+  q = q * (1 / np.sqrt(q.shape[-1])).astype(q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                      preferred_element_type=jnp.float32)  # [B, H, Nq, Nk]
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)  # [B, H, Nq, Nk]
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v), probs
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention, with flax's parameter names (query/key/value/out).
 
-  Uses the fused `jax.nn.dot_product_attention` unless the softmax maps are requested.
+  With `segment_ids`, the fused kernel of `kernels.packed_attention` unless the softmax maps
+  are requested.
   """
   num_heads: int
   dtype_mm: str = "float32"
@@ -123,20 +142,12 @@ class MultiHeadAttention(nn.Module):
     v = nn.with_logical_constraint(dense("value")(kv), HEADS_AXES)  # [B, Nk, H, Dh]
     if segment_ids is not None and return_attention:
       mask = packed_attention.segment_mask(segment_ids)
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
     weights = None
     if segment_ids is not None and not return_attention:
       out = packed_attention.segment_attention(q, k, v, segment_ids, impl=self.attention_impl)
-    elif return_attention:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, Nq, Nk]
-      logits = logits / np.sqrt(q.shape[-1])
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      weights = jax.nn.softmax(logits, axis=-1)  # [B, H, Nq, Nk]
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)  # [B, Nq, H, Dh]
     else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, Nq, H, Dh]
+      out, probs = dot_product_attention(q, k, v, mask)
+      weights = probs if return_attention else None
     out = nn.with_logical_constraint(out, HEADS_AXES)
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype_mm, name="out",
                           kernel_init=nn.initializers.xavier_uniform())(out)  # [B, Nq, D]
