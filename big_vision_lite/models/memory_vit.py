@@ -113,15 +113,15 @@ class MemoryAttention(nn.Module):
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype_mm, name="out",
                           kernel_init=nn.initializers.xavier_uniform())
     k, v = key(x), value(x)  # [B, N, H, Dh]
-    x_out = out(jax.nn.dot_product_attention(query(x), k, v))  # [B, N, D]
+    x_out = out(layers.dot_product_attention(query(x), k, v)[0])  # [B, N, D]
     if extra is None:
       return x_out, None
     num_tasks = mask.shape[0]
     q_tasks = query(extra[:, -num_tasks:])  # [B, T, H, Dh]
     k = jnp.concatenate([k, key(extra)], axis=1)  # [B, N + Σm + T, H, Dh]
     v = jnp.concatenate([v, value(extra)], axis=1)  # [B, N + Σm + T, H, Dh]
-    mask = jnp.broadcast_to(jnp.asarray(mask), (x.shape[0], self.num_heads, *mask.shape))
-    return x_out, out(jax.nn.dot_product_attention(q_tasks, k, v, mask=mask))  # [B, T, D]
+    task_out, _ = layers.dot_product_attention(q_tasks, k, v, jnp.asarray(mask))
+    return x_out, out(task_out)  # [B, T, D]
 
 
 class MemoryBlock(nn.Module):
@@ -137,10 +137,12 @@ class MemoryBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, task_cls: jax.Array | None, memory: jax.Array | None,
-               mask: np.ndarray | None, train: bool = False
+               mask: np.ndarray | None, train: bool = False,
+               layer_drop_path: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None]:
     """x [B, N, D] original tokens; task_cls [B, T, D]; memory [B, Σm, D] (this layer's,
-    tasks in order) or None; mask [T, N + Σm + T] -> (x [B, N, D], task_cls [B, T, D])."""
+    tasks in order) or None; mask [T, N + Σm + T] -> (x [B, N, D], task_cls [B, T, D]).
+    `layer_drop_path` (a scanned stack's per-layer rate) replaces the field `drop_path`."""
     norm_attention = nn.LayerNorm(epsilon=self.layernorm_eps, name="LayerNorm_0")
     norm_mlp = nn.LayerNorm(epsilon=self.layernorm_eps, name="LayerNorm_1")
     mlp = layers.MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype_mm,
@@ -149,7 +151,8 @@ class MemoryBlock(nn.Module):
     def residual(x, y):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       if train and self.drop_path > 0:
-        y = layers.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+        rate = self.drop_path if layer_drop_path is None else layer_drop_path
+        y = layers.stochastic_depth(y, rate, self.make_rng("dropout"))
       return x + y
 
     extra = None
@@ -168,7 +171,8 @@ class MemoryBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """`vit.Encoder` (names `encoderblock_{i}`, `encoder_norm`) over both token streams."""
+  """`vit.Encoder` (names `encoderblock_{i}`, or scanned `encoderblock`, and `encoder_norm`)
+  over both token streams."""
   depth: int
   mlp_dim: int
   num_heads: int
@@ -179,22 +183,39 @@ class Encoder(nn.Module):
   dtype_mm: str = "float32"
   final_norm: bool = True
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, task_cls: jax.Array | None,
-               memory: Sequence[jax.Array | None], mask: np.ndarray | None,
-               train: bool = False) -> tuple[jax.Array, jax.Array | None, dict[str, Any]]:
-    """x [B, N, D], task_cls [B, T, D], memory[i] [B, Σm, D] per layer ->
+  def __call__(self, x: jax.Array, task_cls: jax.Array | None, memory: jax.Array | None,
+               mask: np.ndarray | None, train: bool = False
+               ) -> tuple[jax.Array, jax.Array | None, dict[str, Any]]:
+    """x [B, N, D], task_cls [B, T, D], memory [depth, B, Σm, D] or None ->
     (x [B, N, D], task_cls [B, T, D], aux with "block{i:02d}")."""
     aux: dict[str, Any] = {}
     block = layers.remat(MemoryBlock, self.remat_policy, static_argnums=(5,))
+    rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    if self.scan_layers:
+      def layer(module, carry, inputs):
+        layer_memory, rate = inputs
+        x, task_cls = module(*carry, layer_memory, mask, train, rate)
+        return (x, task_cls), x
+      (x, task_cls), outputs = nn.scan(
+          layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          length=self.depth)(
+              block(self.mlp_dim, self.num_heads, self.dropout, self.drop_path,
+                    self.gelu_approximate, self.layernorm_eps, self.dtype_mm,
+                    name="encoderblock"),
+              (x, task_cls), (memory, jnp.asarray(rates, jnp.float32)))  # [depth, B, N, D]
+    else:
+      outputs = []
+      for i, rate in enumerate(rates):
+        x, task_cls = block(
+            self.mlp_dim, self.num_heads, self.dropout, rate, self.gelu_approximate,
+            self.layernorm_eps, self.dtype_mm, name=f"encoderblock_{i}")(
+                x, task_cls, None if memory is None else memory[i], mask, train)
+        outputs.append(x)
     for i in range(self.depth):
-      rate = self.drop_path * i / max(self.depth - 1, 1)
-      x, task_cls = block(
-          self.mlp_dim, self.num_heads, self.dropout, rate, self.gelu_approximate,
-          self.layernorm_eps, self.dtype_mm, name=f"encoderblock_{i}")(
-              x, task_cls, memory[i], mask, train)
-      aux[f"block{i:02d}"] = x
+      aux[f"block{i:02d}"] = outputs[i]
     if self.final_norm:
       norm = nn.LayerNorm(epsilon=self.layernorm_eps, name="encoder_norm")
       x = norm(x)
@@ -253,8 +274,7 @@ class Model(vit.Model):
     memory_counts = self.memory_per_task()
     tasks = [NewTask(c, m, hp["depth"], width, self.head_zeroinit, name=task_name(t + 1))
              for t, (c, m) in enumerate(zip(self.task_classes, memory_counts))]
-    task_cls, mask = None, None
-    memory: list[jax.Array | None] = [None] * hp["depth"]
+    task_cls, mask, memory = None, None, None
     if tasks:
       tokens = [task.tokens() for task in tasks]
       task_cls = jnp.concatenate([cls for cls, _ in tokens], axis=1)  # [1, T, D]
@@ -263,13 +283,14 @@ class Model(vit.Model):
       per_task = [mem for _, mem in tokens if mem is not None]
       if per_task:
         stacked = jnp.concatenate(per_task, axis=1).astype(x.dtype)  # [depth, Σm, D]
-        memory = [jnp.tile(stacked[i][None], (batch, 1, 1)) for i in range(hp["depth"])]
+        memory = jnp.tile(stacked[:, None], (1, batch, 1, 1))  # [depth, B, Σm, D]
 
     pre_pool = self.final_norm == "pre_pool"
     x, task_cls, encoder_aux = Encoder(
         hp["depth"], hp["mlp_dim"], hp["num_heads"], self.dropout, self.drop_path,
         self.gelu_approximate, self.layernorm_eps, self.dtype_mm, final_norm=pre_pool,
-        remat_policy=self.remat_policy, name="Transformer")(x, task_cls, memory, mask, train)
+        remat_policy=self.remat_policy, scan_layers=self.scan_layers, name="Transformer")(
+            x, task_cls, memory, mask, train)
     aux.update(encoder_aux)
     aux["encoded"] = x
     x = layers.pool_tokens(x, self.pool_type, hp["mlp_dim"], hp["num_heads"],
