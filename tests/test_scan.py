@@ -23,21 +23,30 @@ CASES = {
     "vit": dict(width=16, depth=DEPTH, mlp_dim=32, num_heads=2, num_classes=3, patch_size=4,
                 drop_path=0.2),
     "navit": dict(width=16, depth=DEPTH, mlp_dim=32, num_heads=2, num_classes=3, patch_size=4),
+    "deepvit": dict(width=16, depth=DEPTH, mlp_dim=32, num_heads=4, num_classes=3,
+                    patch_size=4),
+    "memory_vit": dict(width=16, depth=DEPTH, mlp_dim=32, num_heads=2, num_classes=3,
+                       patch_size=4, task_classes=(4, 2), num_memory=(2, 0), train_task=1,
+                       drop_path=0.2),
     "text_transformer": dict(width=16, depth=DEPTH, mlp_dim=32, num_heads=2, vocab_size=50,
                              max_len=8, num_classes=3, causal=True),
 }
 
 
 def stacked_by_hand(params: dict) -> dict:
-  """The unscanned tree with Transformer/encoderblock_{i} stacked on a new leading axis."""
-  encoder = dict(params["Transformer"])
-  blocks = [encoder.pop(f"encoderblock_{i}") for i in range(DEPTH)]
-  encoder["encoderblock"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
-  return dict(params, Transformer=encoder)
+  """The unscanned tree with (Transformer/)encoderblock_{i} stacked on a new leading axis."""
+  if "Transformer" in params:
+    return dict(params, Transformer=stacked_by_hand(params["Transformer"]))
+  params = dict(params)
+  blocks = [params.pop(f"encoderblock_{i}") for i in range(DEPTH)]
+  params["encoderblock"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+  return params
 
 
 @pytest.mark.parametrize("name,remat_policy", [("vit", "none"), ("vit", "full"),
-                                               ("navit", "none"), ("text_transformer", "full")])
+                                               ("navit", "none"), ("deepvit", "full"),
+                                               ("memory_vit", "full"),
+                                               ("text_transformer", "full")])
 def test_scan_changes_no_logits_gradients_or_block_outputs(name, remat_policy):
   module, x = models.get(name), inputs(name)
   plain = module.Model(**CASES[name])
@@ -60,9 +69,15 @@ def test_scan_changes_no_logits_gradients_or_block_outputs(name, remat_policy):
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                got_grads, stacked_by_hand(jax.device_get(want_grads)))
-  for i in range(DEPTH):
-    np.testing.assert_allclose(got_aux[f"block{i:02d}"], want_aux[f"block{i:02d}"],
-                               rtol=1e-5, atol=1e-6)
+  for key in want_aux:
+    if key.startswith("block"):
+      np.testing.assert_allclose(got_aux[key], want_aux[key], rtol=1e-5, atol=1e-6)
+  if name == "deepvit":  # Its re-attention maps, per layer.
+    _, want_aux = plain.apply({"params": params}, x, return_attention=True)
+    _, got_aux = scanned.apply({"params": stacked}, x, return_attention=True)
+    assert len(got_aux["attention"]) == DEPTH
+    for got_maps, want_maps in zip(got_aux["attention"], want_aux["attention"]):
+      np.testing.assert_allclose(got_maps, want_maps, rtol=1e-4, atol=1e-4)
 
 
 def test_scanned_drop_path_rises_per_layer():

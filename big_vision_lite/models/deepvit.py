@@ -11,6 +11,8 @@ same one. `aux["attention"]` holds every layer's maps A' when `return_attention=
 Otherwise the model is ViT: patch embedding, learned or sin-cos position embeddings,
 pre-LN blocks, `tok` or `gap` pooling, zero-init head, and the same `variant` names, with
 `depth` overriding the variant's for the deep models (e.g. variant="S/16", depth=32).
+`remat_policy` and `scan_layers` (one `nn.scan` over `encoderblock`, params with a leading
+[depth] axis; checkpoints convert both ways) are ViT's.
 """
 from typing import Any
 
@@ -67,10 +69,15 @@ class Block(nn.Module):
   drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False,
+               layer_drop_path: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """x [B, N, D] -> ([B, N, D], re-attention maps [B, H, N, N]); `layer_drop_path` (a
+    scanned stack's per-layer rate, may be traced) replaces the field `drop_path` as the
+    rate; drop-path is on when the field is > 0."""
     def residual(x, y):
       if train and self.drop_path > 0:
-        y = layers.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+        rate = self.drop_path if layer_drop_path is None else layer_drop_path
+        y = layers.stochastic_depth(y, rate, self.make_rng("dropout"))
       return x + y
 
     y, maps = ReAttention(self.num_heads, self.norm, name="ReAttention_0")(
@@ -96,12 +103,14 @@ class Model(nn.Module):
   drop_path: float = 0.0
   head_zeroinit: bool = True
   remat_policy: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     layers.check_choice("posemb", self.posemb, vit.POSEMB_TYPES)
     layers.check_choice("pool_type", self.pool_type, POOL_TYPES)
     layers.check_choice("reattention_norm", self.reattention_norm, REATTENTION_NORMS)
     layers.check_choice("remat_policy", self.remat_policy, layers.REMAT_POLICIES)
+    layers.check_choice("scan_layers", self.scan_layers, (False, True))
     vit.check_encoder_fields(self.hparams(), 0.0, self.drop_path)
     super().__post_init__()
 
@@ -124,13 +133,26 @@ class Model(nn.Module):
     x, _ = vit.embed_patches(self, images, hp["width"], hp["patch_size"], self.posemb,
                              self.pool_type == "tok")  # [B, (1+)N, D]
     aux: dict[str, Any] = {}
-    maps = []
+    depth = hp["depth"]
     block = layers.remat(Block, self.remat_policy, static_argnums=(2,))
-    for i in range(hp["depth"]):
-      rate = self.drop_path * i / max(hp["depth"] - 1, 1)
-      x, layer_maps = block(hp["mlp_dim"], hp["num_heads"], self.reattention_norm, rate,
-                            name=f"encoderblock_{i}")(x, train)
-      maps.append(layer_maps)
+    rates = [self.drop_path * i / max(depth - 1, 1) for i in range(depth)]
+    if self.scan_layers:
+      def layer(module, x, rate):
+        y, layer_maps = module(x, train, rate)
+        return y, layer_maps if return_attention else None
+      x, maps = nn.scan(
+          layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          length=depth)(
+              block(hp["mlp_dim"], hp["num_heads"], self.reattention_norm, self.drop_path,
+                    name="encoderblock"),
+              x, jnp.asarray(rates, jnp.float32))  # maps [depth, B, H, N, N] or None
+      maps = None if maps is None else [maps[i] for i in range(depth)]
+    else:
+      maps = []
+      for i, rate in enumerate(rates):
+        x, layer_maps = block(hp["mlp_dim"], hp["num_heads"], self.reattention_norm, rate,
+                              name=f"encoderblock_{i}")(x, train)
+        maps.append(layer_maps)
     if return_attention:
       aux["attention"] = maps
     x = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name="encoder_norm")(x)
