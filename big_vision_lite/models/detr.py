@@ -173,6 +173,7 @@ class Model(nn.Module):
   # A mapping (dict or ConfigDict) of the backbone's fields; None: DEFAULT_BACKBONE_KWARGS.
   backbone_kwargs: Mapping[str, Any] | None = None
   backbone_stage: str | None = None  # aux key of the backbone's map; None: last "stage<n>".
+  remat_policy: str = "none"  # Of the encoder and decoder layers: see `layers.remat`.
 
   def __post_init__(self):
     for field in ("num_classes", "num_queries", "hidden", "num_heads", "mlp_dim", "dec_layers"):
@@ -184,6 +185,7 @@ class Model(nn.Module):
                        f"({self.num_heads}).")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"Model field 'dropout' must be in [0, 1), got {self.dropout!r}.")
+    layers.check_choice("remat_policy", self.remat_policy, layers.REMAT_POLICIES)
     layers.check_choice("backbone", self.backbone, [m for m in models.KNOWN if m != "detr"])
     if self.backbone_kwargs is not None and not hasattr(self.backbone_kwargs, "keys"):
       raise ValueError(f"Model field 'backbone_kwargs' must be a mapping of the backbone's "
@@ -236,8 +238,10 @@ class Model(nn.Module):
     src = src.reshape(batch, h * w, self.hidden)
     key_mask = None if pixel_mask is None else mask.reshape(batch, 1, 1, h * w)
 
+    encoder_layer = layers.remat(EncoderLayer, self.remat_policy, static_argnums=(4,))
+    decoder_layer = layers.remat(DecoderLayer, self.remat_policy, static_argnums=(6,))
     for i in range(self.enc_layers):
-      src = EncoderLayer(self.num_heads, self.mlp_dim, self.dropout, name=f"encoder_layer{i}")(
+      src = encoder_layer(self.num_heads, self.mlp_dim, self.dropout, name=f"encoder_layer{i}")(
           src, pos, key_mask, train)
     query_embed = self.param("query_embed", nn.initializers.normal(1.0),
                              (self.num_queries, self.hidden), jnp.float32)
@@ -247,7 +251,7 @@ class Model(nn.Module):
     decoder_norm = nn.LayerNorm(epsilon=layers.TORCH_NORM_EPS, name="decoder_norm")
     hidden_states = []
     for i in range(self.dec_layers):
-      tgt = DecoderLayer(self.num_heads, self.mlp_dim, self.dropout, name=f"decoder_layer{i}")(
+      tgt = decoder_layer(self.num_heads, self.mlp_dim, self.dropout, name=f"decoder_layer{i}")(
           tgt, query_pos, src, pos, key_mask, train)
       hidden_states.append(decoder_norm(tgt))
     hidden_states = jnp.stack(hidden_states)  # [L, B, Q, D]
