@@ -9,12 +9,17 @@ stand-ins, so nothing of big_vision but the model code runs. Both models get the
 hyper-parameters (pool "gap", learned posemb, zero-init head, no dropout), the same batch,
 and the same step (`timing.build_step`: forward with train=True, softmax cross-entropy,
 backward, AdamW, state donated); their timed steps are interleaved (`timing`), so the ratio
-comes from one run on one machine. Prints per model: params, compile seconds, ms/step,
-images/s, and ours / big_vision in images/s.
+comes from one run on one machine. Prints per model: params, compile seconds, the compiled
+program's instruction count and XLA's bytes accessed, ms/step, images/s; whether the two
+compiled programs hold the same instructions (else the op counts only one of them has);
+and ours / big_vision in images/s.
 """
+import collections
 import importlib.util
 import os
+import re
 import sys
+import time
 import types
 from typing import Any
 
@@ -66,13 +71,33 @@ def parse_kwargs(pairs: list[str]) -> dict[str, Any]:
 
 
 def prepare(model: Any, images: jax.Array, labels: jax.Array):
-  """(jitted step, its first state, params count) of `model` on this batch."""
+  """(compiled step, its first state, params count, compile seconds) of `model` on this
+  batch."""
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(images[:1])
   tx = optax.adamw(1e-3, weight_decay=0.05)
   params = variables["params"]
   state = (params, {}, tx.init(params))
-  step = timing.build_step(model, variables, tx)
-  return step, state, sum(x.size for x in jax.tree.leaves(params))
+  start = time.perf_counter()
+  step = timing.build_step(model, variables, tx).lower(state, images, labels).compile()
+  return step, state, sum(x.size for x in jax.tree.leaves(params)), time.perf_counter() - start
+
+
+def hlo_instructions(compiled: jax.stages.Compiled) -> collections.Counter:
+  """The compiled program's instructions, without their names and source metadata."""
+  counts = collections.Counter()
+  for line in compiled.as_text().splitlines():
+    if " = " not in line or line.startswith("HloModule"):
+      continue
+    line = re.sub(r", metadata=\{[^}]*\}", "", line)
+    line = re.sub(r"%[\w.\-]+", "%", line)
+    counts[re.sub(r"^\s*(ROOT )?[\w.\-]+ = ", "", line).strip()] += 1
+  return counts
+
+
+def op_name(instruction: str) -> str:
+  """"f32[8,197]{1,0} transpose(%), dimensions={1,0}" -> "transpose"."""
+  match = re.search(r"\s([\w-]+)\(", instruction)
+  return match.group(1) if match else "?"
 
 
 def main(argv: list[str]) -> None:
@@ -91,11 +116,14 @@ def main(argv: list[str]) -> None:
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(f.batch_size, f.res, f.res, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, f.num_classes, f.batch_size), jnp.int32)
-  states, steps, counts = {}, {}, {}
+  states, steps, counts, compile_s = {}, {}, {}, {}
   for name, model in built.items():
-    steps[name], states[name], counts[name] = prepare(model, images, labels)
+    steps[name], states[name], counts[name], compile_s[name] = prepare(model, images, labels)
   if counts["ours"] != counts["big_vision"]:
     raise RuntimeError(f"The two models differ in size: {counts}.")
+  programs = {name: hlo_instructions(step) for name, step in steps.items()}
+  ours_only = programs["ours"] - programs["big_vision"]
+  theirs_only = programs["big_vision"] - programs["ours"]
 
   def runner(name):
     def run():
@@ -103,15 +131,24 @@ def main(argv: list[str]) -> None:
       return loss
     return run, ()
 
-  first_s, step_s = timing.time_interleaved({name: runner(name) for name in built},
-                                            warmup=f.warmup, steps=f.steps)
+  _, step_s = timing.time_interleaved({name: runner(name) for name in built},
+                                     warmup=f.warmup, steps=f.steps)
   device = jax.devices()[0]
   print(f"device: {jax.device_count()} x {device.device_kind}, jax {jax.__version__}; "
         f"ViT-{f.variant}, batch {f.batch_size} x {f.res}px, ours {extra or 'default'}")
-  print("model  params M  first call s  ms/step  img/s")
+  print("model  params M  compile s  instructions  GB accessed  ms/step  img/s")
   for name in built:
-    print(f"{name}  {counts[name] / 1e6:.2f}  {first_s[name]:.1f}  "
+    analysis = steps[name].cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    print(f"{name}  {counts[name] / 1e6:.2f}  {compile_s[name]:.1f}  "
+          f"{sum(programs[name].values())}  {analysis.get('bytes accessed', 0) / 1e9:.2f}  "
           f"{step_s[name] * 1e3:.1f}  {f.batch_size / step_s[name]:.1f}")
+  if ours_only or theirs_only:
+    diff = lambda c: dict(collections.Counter(op_name(i) for i in c.elements()))
+    print(f"compiled programs differ: only ours {diff(ours_only)}, only big_vision's "
+          f"{diff(theirs_only)}")
+  else:
+    print("compiled programs: the same instructions (names and source metadata aside)")
   print(f"ours / big_vision (img/s): {step_s['big_vision'] / step_s['ours']:.3f}")
 
 

@@ -18,7 +18,8 @@ def time_interleaved(cases: Mapping[str, tuple[Callable[..., Any], tuple[Any, ..
   """Seconds of the first call (compilation) and median seconds per call of each case.
 
   After the first call and `warmup` untimed calls of every case, the `steps` timed calls of
-  all cases are interleaved, so that drifting machine load affects them alike.
+  all cases are interleaved, in alternating order, so that drifting machine load and the
+  order of the cases affect them alike.
   """
   first_s = {}
   for name, (fn, args) in cases.items():
@@ -28,8 +29,10 @@ def time_interleaved(cases: Mapping[str, tuple[Callable[..., Any], tuple[Any, ..
     for _ in range(warmup):
       jax.block_until_ready(fn(*args))
   times: dict[str, list[float]] = {name: [] for name in cases}
-  for _ in range(steps):
-    for name, (fn, args) in cases.items():
+  for i in range(steps):
+    order = list(cases) if i % 2 == 0 else list(reversed(cases))
+    for name in order:
+      fn, args = cases[name]
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
