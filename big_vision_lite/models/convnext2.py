@@ -228,7 +228,7 @@ class Model(nn.Module):
     x = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name="stem_norm")(x)
     x_mask = masks_at(x)
     x = aux["stem"] = apply_mask(x, x_mask)
-    rates = [self.drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+    rates = layers.drop_path_rates(self.drop_path, sum(depths))
     for stage, (depth, width) in enumerate(zip(depths, dims)):
       if stage > 0:
         x = nn.LayerNorm(epsilon=layers.FLAX_NORM_EPS, name=f"downsample{stage}_norm")(x)

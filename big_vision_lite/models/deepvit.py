@@ -135,7 +135,7 @@ class Model(nn.Module):
     aux: dict[str, Any] = {}
     depth = hp["depth"]
     block = layers.remat(Block, self.remat_policy, static_argnums=(2,))
-    rates = [self.drop_path * i / max(depth - 1, 1) for i in range(depth)]
+    rates = layers.drop_path_rates(self.drop_path, depth)
     if self.scan_layers:
       def layer(module, x, rate):
         y, layer_maps = module(x, train, rate)

@@ -245,8 +245,7 @@ class Model(nn.Module):
     x = gelu(layer_norm("stem_norm1")(x))
     x = conv3x3(widths[0], "stem_conv2")(x)  # [B, H/4, W/4, C1]
     x = aux["stem"] = layer_norm("stem_norm2")(x)
-    total = sum(depths)
-    rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
+    rates = layers.drop_path_rates(self.drop_path, sum(depths))
     for level, (depth, group) in enumerate(zip(depths, hp["groups"])):
       for i in range(depth):
         x = Block(group, hp["mlp_ratio"], hp["layer_scale"], hp["post_norm"],

@@ -66,6 +66,12 @@ def remat(block: type[nn.Module], remat_policy: str, static_argnums: tuple[int, 
   return nn.remat(block, policy=policy, static_argnums=static_argnums)
 
 
+def drop_path_rates(drop_path: float, count: int) -> list[float]:
+  """Per-block stochastic-depth rates rising linearly from 0 to `drop_path` over `count`
+  blocks (the first never drops), as timm and big_vision."""
+  return [drop_path * i / max(count - 1, 1) for i in range(count)]
+
+
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
   """timm's channel rounding: the nearest multiple of `divisor` (at least `divisor`), one
   `divisor` more when that loses more than 1 - `round_limit` of `value`. round_limit=0.9

@@ -193,7 +193,7 @@ class Encoder(nn.Module):
     (x [B, N, D], task_cls [B, T, D], aux with "block{i:02d}")."""
     aux: dict[str, Any] = {}
     block = layers.remat(MemoryBlock, self.remat_policy, static_argnums=(5,))
-    rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    rates = layers.drop_path_rates(self.drop_path, self.depth)
     if self.scan_layers:
       def layer(module, carry, inputs):
         layer_memory, rate = inputs

@@ -209,7 +209,7 @@ class Encoder(nn.Module):
     """x [B, N, D] -> ([B, N, D], aux with "block{i:02d}" and, on request, "attention")."""
     aux: dict[str, Any] = {}
     block = layers.remat(Encoder1DBlock, self.remat_policy, static_argnums=(3, 4))
-    rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    rates = layers.drop_path_rates(self.drop_path, self.depth)
     if self.scan_layers:
       def layer(module, x, rate):
         y, weights = module(x, mask, train, return_attention, segment_ids, rate)
