@@ -252,7 +252,7 @@ def main(argv: list[str]) -> None:
          for k in jax.random.split(key, 3)]  # [B, L, H, Dh] each
   masked_attn = lambda q, k, v, ids: packed_attention.segment_attention(
       q, k, v, ids, impl=FLAGS.attention_impl).sum()
-  plain_attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v).sum()
+  plain_attn = lambda q, k, v: packed_attention.dot_product_attention(q, k, v)[0].sum()
   navit_step, vit_step = train_step(navit_loss), train_step(vit_loss)
   cases = {
       "packed": (navit_step, (navit_params, packed)),
