@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
       batch_size=64, total_steps=300, lr=5e-4, min_lr_ratio=0.01, wd=0.04, wd_end=0.4,
       out_dim=4096, hidden_dim=512, bottleneck_dim=128, norm_last_layer=True, ema_decay=0.99,
       warmup_steps=30, teacher_temp=0.02, warmup_teacher_temp=0.02, teacher_temp_warmup_steps=0,
-      freeze_last_layer_steps=30, hue=0.5, saturation=0.8, grayscale_p=0.5, centering="ema",
+      freeze_last_layer_steps=30, hue=0.5, saturation=0.8, grayscale_p=0.5, invert_p=0.0, centering="ema",
       koleo_weight=0.0, **common.DATA_ARGS)
   if arg.backbone not in ("vit", "convnext2"):
     raise ValueError(f"Config argument 'backbone' must be 'vit' or 'convnext2', got "
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None):
   config.input = common.input_fields(
       arg, f"decode|multicrop({arg.global_size}, {arg.local_size}, {arg.num_local}, "
            f"blur_sigma={blur_sigma}, jitter=(0.4, 0.4, {arg.saturation}, {arg.hue}), "
-           f"grayscale_p={arg.grayscale_p})|"
+           f"grayscale_p={arg.grayscale_p}, invert_p={arg.invert_p})|"
            'keep("global_crops", "local_crops")')
 
   if arg.backbone == "convnext2":

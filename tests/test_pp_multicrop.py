@@ -40,6 +40,14 @@ def test_solarize_inverts_pixels_at_or_above_the_threshold():
   np.testing.assert_array_equal(run("solarize(0.0)", {"image": image})["image"], image)
 
 
+def test_random_invert_is_255_minus_every_pixel():
+  image = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+  out = run("random_invert(1.0)", {"image": image})["image"]
+  np.testing.assert_array_equal(out[..., 2].ravel(), 255 - np.arange(256))
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(run("random_invert(0.0)", {"image": image})["image"], image)
+
+
 def test_gaussian_blur_is_pils_with_a_uniform_sigma():
   image = random_image(24, 24)
   for seed in range(3):
@@ -139,7 +147,7 @@ def test_color_jitter_factors_are_uniform_in_their_ranges():
 
 
 @pytest.mark.parametrize("op,p", [("random_grayscale(p={p})", 0.2), ("solarize({p})", 0.2),
-                                  ("color_jitter(p={p})", 0.8),
+                                  ("color_jitter(p={p})", 0.8), ("random_invert({p})", 0.5),
                                   ("gaussian_blur({p}, 1.0, 2.0)", 0.5)])
 def test_ops_apply_with_probability_p(op, p):
   image = np.array([[[200, 30, 150], [0, 255, 140]], [[130, 60, 10], [250, 250, 0]]], np.uint8)
@@ -154,7 +162,7 @@ def test_ops_apply_with_probability_p(op, p):
 def test_colour_ops_reject_float_images():
   image = np.zeros((4, 4, 3), np.float32)
   for op in ("color_jitter", "random_grayscale", "gaussian_blur(0.5)", "solarize(0.5)",
-             "multicrop(8, 4, 1)"):
+             "random_invert", "multicrop(8, 4, 1)"):
     with pytest.raises(ValueError, match=r"'image' must be a uint8 image \(apply it before "
                        r"value_range\), got dtype float32"):
       run(op, {"image": image})
@@ -201,15 +209,17 @@ def test_multicrop_shapes_dtypes_and_ranges():
 
 def test_multicrop_is_the_documented_chain_of_ops():
   image = random_image(40, 56)
-  for seed, jitter, grayscale_p in ((0, None, None), (1, None, None),
-                                    (2, (0.8, 0.8, 0.8, 0.5), 0.5)):
-    options = "" if jitter is None else f", jitter={jitter}, grayscale_p={grayscale_p}"
+  for seed, jitter, grayscale_p, invert_p in ((0, None, None, 0), (1, None, None, 0),
+                                              (2, (0.8, 0.8, 0.8, 0.5), 0.5, 0.5)):
+    options = ("" if jitter is None
+               else f", jitter={jitter}, grayscale_p={grayscale_p}, invert_p={invert_p}")
     out = run("multicrop(24, 12, 3, global_scale=(0.5, 0.9), local_scale=(0.1, 0.3)"
               f"{options})", {"image": image}, seed)
     jitter_op = "color_jitter" if jitter is None else f"color_jitter{jitter}"
     grayscale_op = ("random_grayscale" if grayscale_p is None
                     else f"random_grayscale({grayscale_p})")
-    tail = f"|flip_lr|{jitter_op}|{grayscale_op}|gaussian_blur({{}})"
+    invert_op = f"|random_invert({invert_p})" if invert_p else ""
+    tail = f"|flip_lr|{jitter_op}|{grayscale_op}{invert_op}|gaussian_blur({{}})"
     chains = [f"inception_crop(24, 50, 90, method='bicubic'){tail.format(1.0)}",
               f"inception_crop(24, 50, 90, method='bicubic'){tail.format(0.1)}|solarize(0.2)"
               ] + [f"inception_crop(12, 10, 30, method='bicubic'){tail.format(0.5)}"] * 3
@@ -271,6 +281,7 @@ def test_multicrop_repeats_per_seed_and_differs_across_seeds():
     ("multicrop(16, 8, 2, jitter=(0.4, 0.4))", r"jitter must be \(brightness, contrast, "),
     ("multicrop(16, 8, 2, jitter=(0.4, 0.4, 0.2, 0.7))", r"hue must be a number in \[0, 0.5\]"),
     ("multicrop(16, 8, 2, grayscale_p=1.5)", r"random_grayscale: p must be"),
+    ("multicrop(16, 8, 2, invert_p=1.5)", r"random_invert: p must be a probability in \[0, 1\]"),
     ("color_jitter(p=1.5)", r"color_jitter: p must be a probability in \[0, 1\]; got 1.5"),
     ("color_jitter(brightness=-0.1)", r"brightness must be a number >= 0; got -0.1"),
     ("color_jitter(hue=0.6)", r"hue must be a number in \[0, 0.5\]; got 0.6"),

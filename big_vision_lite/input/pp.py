@@ -12,8 +12,8 @@ float32. Its bilinear/bicubic/area/lanczos filters widen with the downscaling fa
 shrinking is antialiased (like `tf.image.resize(..., antialias=True)`); "nearest" is not.
 
 Self-supervised augmentation (on uint8, before value_range): `color_jitter`,
-`random_grayscale`, `gaussian_blur`, `solarize` (torchvision's / the official DINO code's
-definitions, each applied with a probability p), and `multicrop`, which turns one image into
+`random_grayscale`, `gaussian_blur`, `solarize`, `random_invert` (torchvision's / the
+official DINO code's definitions, each applied with a probability p), and `multicrop`, which turns one image into
 DINO's "global_crops" [2, g, g, 3] and "local_crops" [N, l, l, 3] float32.
 
 Detection. Boxes travel through the geometric ops as tfds gives them, in the nested dict
@@ -560,6 +560,18 @@ def solarize(p: float, threshold: int = 128, key: str = "image") -> OpFn:
   return fn
 
 
+@OPS.register("random_invert")
+def random_invert(p: float = 0.5, key: str = "image") -> OpFn:
+  """With probability p, uint8 pixels -> 255 - pixel (torchvision's RandomInvert)."""
+  p = _check_probability("random_invert", "p", p)
+  def fn(example, rng):
+    image = _check_uint8(example[key], key, "random_invert")
+    if rng.random() >= p:
+      return example
+    return dict(example, **{key: 255 - image})
+  return fn
+
+
 def _check_size(name: str, size: Any) -> int:
   if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
     raise ValueError(f"pp op multicrop: {name} must be an int > 0; got {size!r}.")
@@ -581,14 +593,15 @@ def multicrop(global_size: int, local_size: int, num_local: int,
               local_scale: Sequence[float] = (0.05, 0.4),
               blur_sigma: Sequence[float] = (0.1, 2.0),
               jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1), grayscale_p: float = 0.2,
-              vmin: float = -1, vmax: float = 1, key: str = "image",
+              invert_p: float = 0.0, vmin: float = -1, vmax: float = 1, key: str = "image",
               method: str = "bicubic") -> OpFn:
   """DINO's multi-crop: uint8 example[key] -> "global_crops" [2, g, g, 3] and
   "local_crops" [num_local, l, l, 3], float32 in [vmin, vmax]; removes example[key].
 
   Each crop, drawn in turn from the one `rng` (global 1, global 2, then the local ones), is
   `inception_crop(size, 100 * scale[0], 100 * scale[1], method)|flip_lr|color_jitter(*jitter)|
-  random_grayscale(grayscale_p)|gaussian_blur(b, *blur_sigma)`, then for global 2
+  random_grayscale(grayscale_p)|random_invert(invert_p)|gaussian_blur(b, *blur_sigma)` (no
+  random_invert when invert_p is 0, the paper's chain), then for global 2
   `solarize(0.2)`, then `value_range(vmin, vmax)`; blur b = 1.0 (global 1), 0.1 (global 2),
   0.5 (local). Scales are area fractions of the image; blur sigmas are in pixels; `jitter` is
   color_jitter's (brightness, contrast, saturation, hue), the paper's by default.
@@ -610,10 +623,11 @@ def multicrop(global_size: int, local_size: int, num_local: int,
                      f"hue); got {jitter!r}.")
   jitter_op = color_jitter(*jitter, key=key)  # Checks each strength.
   grayscale_op = random_grayscale(grayscale_p, key=key)
+  invert_ops = [random_invert(invert_p, key=key)] if invert_p else []
 
   def pipeline(size, scale, blur_p, solarize_p=0.0):
     ops = [inception_crop(size, 100 * scale[0], 100 * scale[1], key, method), flip_lr(key),
-           jitter_op, grayscale_op,
+           jitter_op, grayscale_op, *invert_ops,
            gaussian_blur(blur_p, *blur_sigma, key=key)]
     if solarize_p:
       ops.append(solarize(solarize_p, key=key))
