@@ -15,6 +15,9 @@ mask gradients: the jnp reference and, on GPU, the Pallas (Triton) kernel at its
 block size and at --dcn_block_sweep, with the kernel's largest gradient error relative to
 the reference (on CPU only its interpret mode exists, which is for tests, not timing).
 """
+import time
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +32,8 @@ flags.DEFINE_integer("dim", 256, "Embedding width D.")
 flags.DEFINE_integer("chunk", 512, "Rows per chunk of the chunked loss.")
 flags.DEFINE_integer("time_up_to", 8192, "Largest B that is also timed.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per measurement.")
+flags.DEFINE_list("contrastive_block_sweep", [], "Other chunk_size (block) values timed for "
+                  "the Pallas contrastive loss (GPU/TPU).")
 flags.DEFINE_integer("dcn_batch", 8, "Batch size of the DCNv3 measurements.")
 flags.DEFINE_list("dcn_block_sweep", ["8", "32"], "Other block_pixels timed for the Pallas "
                   "DCNv3 fwd+bwd (GPU), beside its default.")
@@ -78,7 +83,7 @@ def benchmark_dcnv3(batch: int, repeats: int, block_sweep: list[int]) -> None:
   header = ["stage", "H=W", "C", "G"] + [f"{name} ms" for name in variants]
   if compiled:
     header += ["ref/pallas fwd", "ref/pallas f+b", "pallas f+b rel err"]
-  rows = []
+  rows, compile_rows = [], []
   rng = np.random.default_rng(0)
   for stage, (side, channels) in enumerate(INTERNIMAGE_T_STAGES, 1):
     group = channels // 16
@@ -87,10 +92,12 @@ def benchmark_dcnv3(batch: int, repeats: int, block_sweep: list[int]) -> None:
     mask = jax.nn.softmax(jnp.asarray(rng.normal(size=(batch, side, side, group, 9)),
                                       jnp.float32), -1).reshape(batch, side, side, group * 9)
     inputs = (value, offset, mask)
-    steps = {}
+    steps, compile_s = {}, {}
     for name, (impl, backward, block_pixels) in variants.items():
       try:
+        start = time.perf_counter()
         steps[name] = _dcnv3_step(impl, group, backward, block_pixels).lower(*inputs).compile()
+        compile_s[name] = time.perf_counter() - start
       except Exception as e:  # One failing variant must not end the benchmark.
         first_line = (str(e).strip().splitlines() or [""])[0]
         print(f"stage {stage}: {name} failed to compile: {type(e).__name__}: {first_line}")
@@ -100,6 +107,8 @@ def benchmark_dcnv3(batch: int, repeats: int, block_sweep: list[int]) -> None:
       print(f"stage {stage}: failed to run: {type(e).__name__}: {str(e).strip()[:300]}")
       continue
     row = [str(stage), str(side), str(channels), str(group)]
+    compile_rows.append(row + [f"{compile_s[name]:.1f}" if name in compile_s else "-"
+                               for name in variants])
     row += [f"{seconds[name] * 1e3:.2f}" if name in seconds else "-" for name in variants]
     if compiled:
       for kind in ("fwd", "f+b"):
@@ -112,6 +121,8 @@ def benchmark_dcnv3(batch: int, repeats: int, block_sweep: list[int]) -> None:
         row.append("-")
     rows.append(row)
   _print_table(header, rows)
+  print("compile seconds:")
+  _print_table(header[:4] + [name for name in variants], compile_rows)
   if compiled:
     print("f+b bpN = Pallas fwd+bwd at block_pixels=N; rel err = largest |pallas − reference| / "
           "max |reference| over the loss and the 3 gradients (the reference at XLA's default "
@@ -125,48 +136,65 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
-def _compiled(fn, b: int, d: int):
+def _compiled(fn, b: int, d: int) -> tuple[Any, float]:
+  """fn's value and gradients compiled for [b, d] embeddings, and the compile seconds."""
   spec = jax.ShapeDtypeStruct((b, d), jnp.float32)
-  return jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(spec, spec).compile()
+  start = time.perf_counter()
+  compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(spec, spec).compile()
+  return compiled, time.perf_counter() - start
 
 
-def _contrastive_row(kind: str, naive, chunked, b: int, dim: int, time_up_to: int,
+def _contrastive_row(kind: str, losses: dict[str, Any], b: int, dim: int, time_up_to: int,
                      repeats: int) -> list[str]:
-  """One table row: compiled temporary memory of both losses and, up to time_up_to, times."""
-  naive_c, chunked_c = _compiled(naive, b, dim), _compiled(chunked, b, dim)
-  mem = [c.memory_analysis().temp_size_in_bytes / 2**20 for c in (naive_c, chunked_c)]
-  row = [kind, str(b), f"{mem[0]:.1f}", f"{mem[1]:.1f}", f"{mem[0] / mem[1]:.1f}"]
+  """One table row: per loss (the first is the naive one), compiled temporary memory,
+  compile seconds and, up to time_up_to, its time relative to the naive loss's."""
+  compiled = {name: _compiled(fn, b, dim) for name, fn in losses.items()}
+  mem = {name: c.memory_analysis().temp_size_in_bytes / 2**20
+         for name, (c, _) in compiled.items()}
+  row = [kind, str(b)] + [f"{mem[name]:.1f}" for name in losses]
+  row += [f"{seconds:.1f}" for _, seconds in compiled.values()]
   if b > time_up_to:
-    return row + ["-", "-", "-"]
+    return row + ["-"] * (2 * len(losses) - 1)
   rng = np.random.default_rng(0)
   z = tuple(jnp.asarray(rng.normal(size=(b, dim)) / np.sqrt(dim), jnp.float32)
             for _ in range(2))
-  by_name = _median_seconds({"naive": (naive_c, z), "chunked": (chunked_c, z)}, repeats)
-  secs = [by_name["naive"], by_name["chunked"]]
-  return row + [f"{secs[0] * 1e3:.1f}", f"{secs[1] * 1e3:.1f}", f"{secs[1] / secs[0]:.2f}"]
+  secs = _median_seconds({name: (c, z) for name, (c, _) in compiled.items()}, repeats)
+  naive = secs[next(iter(losses))]
+  row += [f"{secs[name] * 1e3:.1f}" for name in losses]
+  return row + [f"{secs[name] / naive:.2f}" for name in list(losses)[1:]]
 
 
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
+  accelerator = jax.default_backend() in ("gpu", "tpu")
   print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
-  print(f"contrastive loss, value + grads, D={f.dim}, chunk={f.chunk}")
-  header = ("kind", "B", "naive MiB", "chunked MiB", "mem ratio", "naive ms", "chunked ms",
-            "time ratio")
+  print(f"contrastive loss, value + grads, D={f.dim}, chunk={f.chunk}"
+        + ("" if accelerator else "; Pallas not timed: it compiles for GPU and TPU only"))
+  impls = {"chunked": ("chunked", f.chunk)}
+  if accelerator:
+    impls |= {"pallas": ("pallas", None)}
+    impls |= {f"pallas c{c}": ("pallas", int(c)) for c in f.contrastive_block_sweep}
+  names = ["naive"] + list(impls)
+  header = (["kind", "B"] + [f"{n} MiB" for n in names] + [f"{n} compile s" for n in names]
+            + [f"{n} ms" for n in names] + [f"{n}/naive time" for n in names[1:]])
   rows = []
   for kind in contrastive.KINDS:
     bias = -10.0 if kind == "sigmoid" else None
-    naive = lambda a, b, kind=kind, bias=bias: contrastive.reference(
-        a, b, kind=kind, temperature=10.0, bias=bias)
-    chunked = lambda a, b, kind=kind, bias=bias: kernels.contrastive_loss(
-        a, b, kind=kind, temperature=10.0, bias=bias, chunk_size=f.chunk, impl="chunked")
+    losses = {"naive": lambda a, b, kind=kind, bias=bias: contrastive.reference(
+        a, b, kind=kind, temperature=10.0, bias=bias)}
+    for name, (impl, chunk) in impls.items():
+      losses[name] = lambda a, b, kind=kind, bias=bias, impl=impl, chunk=chunk: (
+          kernels.contrastive_loss(a, b, kind=kind, temperature=10.0, bias=bias,
+                                   chunk_size=chunk, impl=impl))
     for b in map(int, f.sizes):
       try:
-        rows.append(_contrastive_row(kind, naive, chunked, b, f.dim, f.time_up_to, f.repeats))
+        rows.append(_contrastive_row(kind, losses, b, f.dim, f.time_up_to, f.repeats))
       except Exception as e:  # E.g. out of memory: report and go on to the DCNv3 part.
         print(f"{kind} B={b} failed: {type(e).__name__}: {str(e).strip()[:300]}")
-  _print_table(list(header), rows)
-  print("mem ratio = naive / chunked temporary memory; time ratio = chunked / naive.")
+  _print_table(header, rows)
+  print("MiB = compiled temporary memory; 'pallas cN' = impl pallas at chunk_size N (its "
+        "block); times are medians of interleaved runs.")
   benchmark_dcnv3(f.dcn_batch, f.repeats, [int(b) for b in f.dcn_block_sweep])
 
 

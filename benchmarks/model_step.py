@@ -1,15 +1,21 @@
 r"""Train-step throughput of models on synthetic batches, beside timm's, in one run.
 
   python -m benchmarks.model_step --cases convnext2_atto,internimage_t --batch_size 64
+  python -m benchmarks.model_step --cases vit_b16_bf16 --batch_size 256 --timm_compile
 
 Needs only jax, flax, optax (and torch + timm for the timm column): no input pipeline, so
 it runs on any accelerator machine. One step = forward with train=True (BatchNorm models
 update their statistics), softmax cross-entropy on random labels, backward and an AdamW
 update, jitted with the state donated, on a fixed random [B, res, res, 3] float32 batch.
-Prints per case: params, compile seconds, ms/step, images/s, GFLOP/step (XLA), MFU
-against a float32 matmul measured in the same run, and, where the case names a timm
-model and torch is installed, timm's images/s (`benchmarks/timm_step.py`, in a
-subprocess, on the same device kind) and ours / timm.
+Each case has a precision: float32, or bfloat16 matmuls (ViT's dtype_mm; parameters and
+AdamW state stay float32; timm runs under torch.autocast(bfloat16)).
+Prints per case: params, compile seconds, ms/step, images/s, GFLOP/step (XLA's count of
+the lowered step; for ViTs also the analytic matmul count of `timing.vit_train_flops`:
+6 x params x tokens + 12 x depth x tokens² x width per image), MFU (analytic FLOPs where
+there are, else XLA's) against a matmul in the case's precision measured in the same run,
+and, where the case names a timm model and torch is installed, timm's images/s
+(`benchmarks/timm_step.py`, in a subprocess, on the same device kind) and ours / timm;
+with --timm_compile also timm under torch.compile, with its first step (compilation) time.
 """
 import json
 import statistics
@@ -24,10 +30,12 @@ from absl import app, flags
 
 from benchmarks import timing
 from big_vision_lite import models
+from big_vision_lite.models import vit
 
-# case: (model_name, model kwargs, timm counterpart or None)
+# case: (model_name, model kwargs, timm counterpart or None); bfloat16 cases end in "_bf16".
 CASES: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "vit_s16": ("vit", {"variant": "S/16"}, "vit_small_patch16_224"),
+    "vit_b16_bf16": ("vit", {"variant": "B/16", "dtype_mm": "bfloat16"}, "vit_base_patch16_224"),
     "deepvit_s16": ("deepvit", {"variant": "S/16"}, None),
     "efficientvit_m0": ("efficientvit", {"variant": "M0"}, "efficientvit_m0"),
     "mobilevit_xxs": ("mobilevit", {"variant": "XXS"}, "mobilevit_xxs"),
@@ -45,12 +53,29 @@ flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("matmul_size", 4096, "Side of the square matmul that measures peak.")
 flags.DEFINE_bool("timm", True, "Also time each case's timm counterpart (needs torch).")
+flags.DEFINE_bool("timm_compile", False, "Also time the timm counterpart under torch.compile.")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON lines here.")
+
+
+def precision(name: str) -> str:
+  """The matmul precision of case `name`."""
+  return "bfloat16" if name.endswith("_bf16") else "float32"
+
+
+def analytic_flops(model: Any, batch_size: int, res: int, num_classes: int) -> float:
+  """`timing.vit_train_flops` x batch for a ViT, else nan."""
+  if not isinstance(model, vit.Model):
+    return float("nan")
+  hp = model.hparams()
+  return batch_size * timing.vit_train_flops(
+      hp["width"], hp["depth"], hp["mlp_dim"], hp["patch_size"][0], res, num_classes,
+      class_token=model.pool_type == "tok")
 
 
 def time_case(name: str, batch_size: int, res: int, num_classes: int, steps: int,
               warmup: int) -> dict[str, float]:
-  """Params, compile seconds, median seconds per step and XLA FLOPs per step of a case."""
+  """Params, compile seconds, median seconds per step and XLA's and the analytic FLOPs
+  per step of a case."""
   model_name, kwargs, _ = CASES[name]
   model = models.get(model_name).Model(num_classes=num_classes, **kwargs)
   rng = np.random.default_rng(0)
@@ -75,7 +100,25 @@ def time_case(name: str, batch_size: int, res: int, num_classes: int, steps: int
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
   return {"params": num_params, "compile_s": compile_s, "step_s": statistics.median(times),
-          "flops": timing.step_flops(lowered)}
+          "flops": timing.step_flops(lowered),
+          "analytic_flops": analytic_flops(model, batch_size, res, num_classes)}
+
+
+def _timm_row(name: str, timm_name: str, f: Any, device: str) -> dict[str, Any]:
+  """timm's images/s (eager, and compiled with --timm_compile) for case `name`."""
+  row = {"timm": timm_name}
+  modes = {"timm": False} | ({"timm_compiled": True} if f.timm_compile else {})
+  for key, compile_model in modes.items():
+    try:
+      result = timing.time_timm(timm_name, f.batch_size, f.res, f.num_classes, f.steps,
+                                f.warmup, device, precision(name), compile_model)
+    except RuntimeError as e:
+      print(f"{name}: {key} {timm_name} failed: {str(e).splitlines()[-1][:300]}")
+      continue
+    row.update({f"{key}_images_per_s": result["images_per_sec"],
+                f"{key}_first_step_s": result["first_step_seconds"],
+                "timm_params": result["params"]})
+  return row
 
 
 def main(argv: list[str]) -> None:
@@ -85,12 +128,15 @@ def main(argv: list[str]) -> None:
   if unknown:
     raise app.UsageError(f"--cases: unknown {unknown}; known: {', '.join(CASES)}.")
   device = jax.devices()[0]
-  peak = timing.measure_matmul_peak(f.matmul_size, jnp.float32)
+  peaks = {p: timing.measure_matmul_peak(f.matmul_size, jnp.dtype(p))
+           for p in sorted({precision(name) for name in f.cases})}
   print(f"device: {jax.device_count()} x {device.device_kind}, jax {jax.__version__}; "
-        f"batch {f.batch_size} x {f.res}px, float32; matmul peak {peak / 1e12:.1f} TFLOP/s")
+        f"batch {f.batch_size} x {f.res}px; matmul peak "
+        + ", ".join(f"{p} {peak / 1e12:.1f} TFLOP/s" for p, peak in peaks.items()))
   timm_device = "cuda" if device.platform == "gpu" else "cpu"
-  header = ("case", "params M", "compile s", "ms/step", "img/s", "GFLOP/step", "MFU",
-            "timm img/s", "ours/timm")
+  header = ("case", "params M", "compile s", "ms/step", "img/s", "GFLOP/step XLA",
+            "GFLOP/step analytic", "MFU", "timm img/s", "ours/timm", "timm compiled img/s",
+            "(its 1st step s)", "ours/compiled")
   print("  ".join(header))
   rows = []
   for name in f.cases:
@@ -100,24 +146,25 @@ def main(argv: list[str]) -> None:
       print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
       continue
     images_per_s = f.batch_size / result["step_s"]
-    row = dict(result, case=name, images_per_s=images_per_s,
-               mfu=result["flops"] / result["step_s"] / peak, device=device.device_kind)
+    flops = result["analytic_flops"]
+    flops = result["flops"] if np.isnan(flops) else flops
+    row = dict(result, case=name, precision=precision(name), images_per_s=images_per_s,
+               mfu=flops / result["step_s"] / peaks[precision(name)],
+               device=device.device_kind)
     timm_name = CASES[name][2]
     if f.timm and timm_name:
-      try:
-        timm = timing.time_timm(timm_name, f.batch_size, f.res, f.num_classes, f.steps,
-                                f.warmup, timm_device)
-        row.update(timm=timm_name, timm_images_per_s=timm["images_per_sec"],
-                   timm_params=timm["params"])
-      except RuntimeError as e:
-        print(f"{name}: timm {timm_name} failed: {str(e).splitlines()[-1][:300]}")
-    timm_cells = ("-", "-")
-    if "timm_images_per_s" in row:
-      timm_ips = row["timm_images_per_s"]
-      timm_cells = (f"{timm_ips:.1f}", f"{images_per_s / timm_ips:.2f}")
+      row.update(_timm_row(name, timm_name, f, timm_device))
+    cells = []
+    for key in ("timm", "timm_compiled"):
+      ips = row.get(f"{key}_images_per_s")
+      cells += ([f"{ips:.1f}", f"{images_per_s / ips:.2f}"] if ips else ["-", "-"])
+      if key == "timm_compiled":
+        first = row.get("timm_compiled_first_step_s")
+        cells.insert(3, f"{first:.1f}" if first else "-")
     print(f"{name}  {result['params'] / 1e6:.2f}  {result['compile_s']:.1f}  "
           f"{result['step_s'] * 1e3:.1f}  {images_per_s:.1f}  {result['flops'] / 1e9:.1f}  "
-          f"{row['mfu']:.1%}  {timm_cells[0]}  {timm_cells[1]}", flush=True)
+          f"{result['analytic_flops'] / 1e9:.1f}  {row['mfu']:.1%}  " + "  ".join(cells),
+          flush=True)
     rows.append(row)
   if f.json_out:
     with open(f.json_out, "w") as out:

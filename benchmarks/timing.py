@@ -49,6 +49,26 @@ def step_flops(lowered: jax.stages.Lowered) -> float:
   return float((analysis or {}).get("flops", float("nan")))
 
 
+def vit_train_flops(width: int, depth: int, mlp_dim: int, patch: int, res: int,
+                    num_classes: int, class_token: bool) -> float:
+  """Matmul FLOPs per image of a ViT train step, analytically (a multiply-add is 2 FLOPs).
+
+  With P = (res / patch)² patches, N = P (+1 for a class token) tokens, width D, MLP width M,
+  depth L and C classes, the forward pass is
+    L · (8·N·D² + 4·N·D·M + 4·N²·D) + 2·D·C  +  2·P·(3·patch²)·D
+  (the q, k, v and output projections; the two MLP matmuls; q·kᵀ and attention·v; the head;
+  the patch embedding), and the train step 3x the first part (the backward pass computes two
+  matmuls per forward one) plus 2x the patch embedding (the images need no gradient): for
+  M = 4D about 6 x params x tokens + 12·L·N²·D. Norms, GELU, softmax and the optimizer update
+  are not counted, as in the usual MFU.
+  """
+  patches = (res // patch) ** 2
+  tokens = patches + int(class_token)
+  layer = 8 * tokens * width**2 + 4 * tokens * width * mlp_dim + 4 * tokens**2 * width
+  embedding = 2 * patches * 3 * patch**2 * width
+  return 3.0 * (depth * layer + 2 * width * num_classes) + 2.0 * embedding
+
+
 def measure_matmul_peak(size: int, dtype: jnp.dtype, repeats: int = 10) -> float:
   """FLOP/s of a jitted [size, size] @ [size, size] matmul on the default device."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
@@ -62,14 +82,16 @@ def measure_matmul_peak(size: int, dtype: jnp.dtype, repeats: int = 10) -> float
 
 
 def time_timm(name: str, batch_size: int, res: int, num_classes: int, steps: int,
-              warmup: int, device: str = "cpu") -> dict[str, float]:
+              warmup: int, device: str = "cpu", precision: str = "float32",
+              compile_model: bool = False) -> dict[str, float]:
   """images/s of timm's `name` from `benchmarks/timm_step.py`, run in a subprocess (torch
-  never shares a process with JAX or TensorFlow here)."""
+  never shares a process with JAX or TensorFlow here); `compile_model`: torch.compile."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.timm_step", "--name", name, "--batch_size",
        str(batch_size), "--res", str(res), "--num_classes", str(num_classes), "--steps",
-       str(steps), "--warmup", str(warmup), "--device", device],
+       str(steps), "--warmup", str(warmup), "--device", device, "--precision", precision]
+      + (["--compile"] if compile_model else []),
       capture_output=True, text=True, cwd=repo, check=False)
   if result.returncode:
     raise RuntimeError(f"timm timing of {name!r} failed:\n{result.stderr[-2000:]}")
