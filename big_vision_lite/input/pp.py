@@ -480,6 +480,20 @@ def adjust_hue(image: np.ndarray, shift: float) -> np.ndarray:
   return _to_uint8(np.take_along_axis(table, index, -2)[..., 0, :] * 255)
 
 
+def _with_probability(op: str, p: float, key: str,
+                      transform: Callable[[np.ndarray, np.random.Generator], np.ndarray]
+                      ) -> OpFn:
+  """An op that, with probability p (one uniform draw), replaces the uint8 image at `key` by
+  transform(image, rng); the transform may draw more."""
+  p = _check_probability(op, "p", p)
+  def fn(example, rng):
+    image = _check_uint8(example[key], key, op)
+    if rng.random() >= p:
+      return example
+    return dict(example, **{key: transform(image, rng)})
+  return fn
+
+
 @OPS.register("color_jitter")
 def color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
                  hue: float = 0.1, p: float = 0.8, key: str = "image") -> OpFn:
@@ -496,34 +510,26 @@ def color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: flo
       raise ValueError(f"pp op color_jitter: {name} must be a number >= 0; got {strength!r}.")
   if not isinstance(hue, (int, float)) or not 0 <= hue <= 0.5:
     raise ValueError(f"pp op color_jitter: hue must be a number in [0, 0.5]; got {hue!r}.")
-  p = _check_probability("color_jitter", "p", p)
   adjustments = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
   strengths = (brightness, contrast, saturation, hue)
   ranges = [(max(0.0, 1 - x), 1 + x) for x in strengths[:3]] + [(-hue, hue)]
 
-  def fn(example, rng):
-    image = _check_uint8(example[key], key, "color_jitter")
-    if rng.random() >= p:
-      return example
+  def jitter(image, rng):
     order = rng.permutation(4)
     factors = [rng.uniform(low, high) for low, high in ranges]
     for i in order:
       if strengths[i] > 0:
         image = adjustments[i](image, factors[i])
-    return dict(example, **{key: image})
-  return fn
+    return image
+  return _with_probability("color_jitter", p, key, jitter)
 
 
 @OPS.register("random_grayscale")
 def random_grayscale(p: float = 0.2, key: str = "image") -> OpFn:
   """With probability p, uint8 RGB -> its rounded ITU-R 601-2 luma in all 3 channels."""
-  p = _check_probability("random_grayscale", "p", p)
-  def fn(example, rng):
-    image = _check_uint8(example[key], key, "random_grayscale")
-    if rng.random() >= p:
-      return example
-    return dict(example, **{key: np.repeat(_to_uint8(_luma(image))[..., None], 3, -1)})
-  return fn
+  return _with_probability(
+      "random_grayscale", p, key,
+      lambda image, rng: np.repeat(_to_uint8(_luma(image))[..., None], 3, -1))
 
 
 @OPS.register("gaussian_blur")
@@ -531,45 +537,30 @@ def gaussian_blur(p: float, sigma_min: float = 0.1, sigma_max: float = 2.0,
                   key: str = "image") -> OpFn:
   """With probability p, PIL's GaussianBlur(radius=sigma), sigma uniform in
   [sigma_min, sigma_max] (the official DINO code's blur), on uint8."""
-  p = _check_probability("gaussian_blur", "p", p)
   if not (isinstance(sigma_min, (int, float)) and isinstance(sigma_max, (int, float))
           and 0 <= sigma_min <= sigma_max):
     raise ValueError("pp op gaussian_blur: sigma_min and sigma_max must be numbers with "
                      f"0 <= sigma_min <= sigma_max; got {sigma_min!r}, {sigma_max!r}.")
-  def fn(example, rng):
-    image = _check_uint8(example[key], key, "gaussian_blur")
-    if rng.random() >= p:
-      return example
-    blur = ImageFilter.GaussianBlur(radius=rng.uniform(sigma_min, sigma_max))
-    return dict(example, **{key: np.asarray(Image.fromarray(image).filter(blur))})
-  return fn
+  def blur(image, rng):
+    radius = rng.uniform(sigma_min, sigma_max)
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=radius)))
+  return _with_probability("gaussian_blur", p, key, blur)
 
 
 @OPS.register("solarize")
 def solarize(p: float, threshold: int = 128, key: str = "image") -> OpFn:
   """With probability p, uint8 pixels >= threshold become 255 - pixel (PIL's solarize)."""
-  p = _check_probability("solarize", "p", p)
   if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 256:
     raise ValueError(f"pp op solarize: threshold must be a number in [0, 256]; "
                      f"got {threshold!r}.")
-  def fn(example, rng):
-    image = _check_uint8(example[key], key, "solarize")
-    if rng.random() >= p:
-      return example
-    return dict(example, **{key: np.where(image >= threshold, 255 - image, image)})
-  return fn
+  return _with_probability("solarize", p, key,
+                           lambda image, rng: np.where(image >= threshold, 255 - image, image))
 
 
 @OPS.register("random_invert")
 def random_invert(p: float = 0.5, key: str = "image") -> OpFn:
   """With probability p, uint8 pixels -> 255 - pixel (torchvision's RandomInvert)."""
-  p = _check_probability("random_invert", "p", p)
-  def fn(example, rng):
-    image = _check_uint8(example[key], key, "random_invert")
-    if rng.random() >= p:
-      return example
-    return dict(example, **{key: 255 - image})
-  return fn
+  return _with_probability("random_invert", p, key, lambda image, rng: 255 - image)
 
 
 def _check_size(name: str, size: Any) -> int:
