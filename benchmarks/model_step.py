@@ -154,13 +154,11 @@ def main(argv: list[str]) -> None:
     timm_name = CASES[name][2]
     if f.timm and timm_name:
       row.update(_timm_row(name, timm_name, f, timm_device))
-    cells = []
-    for key in ("timm", "timm_compiled"):
-      ips = row.get(f"{key}_images_per_s")
-      cells += ([f"{ips:.1f}", f"{images_per_s / ips:.2f}"] if ips else ["-", "-"])
-      if key == "timm_compiled":
-        first = row.get("timm_compiled_first_step_s")
-        cells.insert(3, f"{first:.1f}" if first else "-")
+    eager, compiled = row.get("timm_images_per_s"), row.get("timm_compiled_images_per_s")
+    first = row.get("timm_compiled_first_step_s")
+    cells = [f"{eager:.1f}" if eager else "-", f"{images_per_s / eager:.2f}" if eager else "-",
+             f"{compiled:.1f}" if compiled else "-", f"{first:.1f}" if first else "-",
+             f"{images_per_s / compiled:.2f}" if compiled else "-"]
     print(f"{name}  {result['params'] / 1e6:.2f}  {result['compile_s']:.1f}  "
           f"{result['step_s'] * 1e3:.1f}  {images_per_s:.1f}  {result['flops'] / 1e9:.1f}  "
           f"{result['analytic_flops'] / 1e9:.1f}  {row['mfu']:.1%}  " + "  ".join(cells),

@@ -13,8 +13,9 @@ shrinking is antialiased (like `tf.image.resize(..., antialias=True)`); "nearest
 
 Self-supervised augmentation (on uint8, before value_range): `color_jitter`,
 `random_grayscale`, `gaussian_blur`, `solarize`, `random_invert` (torchvision's / the
-official DINO code's definitions, each applied with a probability p), and `multicrop`, which turns one image into
-DINO's "global_crops" [2, g, g, 3] and "local_crops" [N, l, l, 3] float32.
+official DINO code's definitions, each applied with a probability p), and `multicrop`,
+which turns one image into DINO's "global_crops" [2, g, g, 3] and "local_crops"
+[N, l, l, 3] float32.
 
 Detection. Boxes travel through the geometric ops as tfds gives them, in the nested dict
 `example["objects"]` = {"bbox": [n, 4] float32 (ymin, xmin, ymax, xmax) normalised to [0, 1]
